@@ -1,0 +1,337 @@
+//! The WebSocket listener: accepting connections and the opening handshake.
+//!
+//! The handshake is an HTTP/1.1 request, so it goes through hyper rather than
+//! a hand-written parser. That also gives every refusal a real HTTP response
+//! (403 for a foreign origin, 503 when full, 426 for a plain HTTP request)
+//! instead of a reset, and hyper's header timeout bounds slow clients. Once
+//! hyper has written the 101 response, the TCP stream is taken back out of
+//! hyper (with any bytes the client sent early) and handed to tungstenite, so
+//! the WebSocket traffic runs on the bare socket.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::config::Config;
+use crate::hub::HubHandle;
+use crate::metrics::{ConnResult, Metrics};
+use crate::origin::OriginCheck;
+use crate::session::{self, SessionContext};
+
+/// Refusals of over-capacity connections are themselves bounded, so a flood
+/// beyond `max_connections` costs at most this many small tasks; past it, new
+/// sockets are closed without a response.
+const MAX_PENDING_REJECTIONS: usize = 256;
+
+/// Everything the accept loop and each connection share.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub origin: OriginCheck,
+    pub hub: HubHandle,
+    pub metrics: Arc<Metrics>,
+    /// Starts the graceful path: stop accepting, stop reading, close with 1001.
+    pub shutdown: CancellationToken,
+    /// Fired when the grace period is over: drop whatever is left.
+    pub force: CancellationToken,
+    pub tracker: TaskTracker,
+    /// The HTTP listener's address as a browser would type it, for the hint
+    /// sent to plain HTTP requests that land on the WebSocket port.
+    pub page_url: String,
+}
+
+impl Gateway {
+    /// Accepts connections until shutdown. Accept errors (for example running
+    /// out of file descriptors) are logged and retried with backoff rather
+    /// than ending the server: they are usually temporary.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let limit = Arc::new(Semaphore::new(self.config.max_connections));
+        let rejections = Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS));
+        let next_id = AtomicU64::new(1);
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => {
+                    backoff = Duration::from_millis(10);
+                    x
+                }
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            let span = info_span!("conn", id, peer = %peer);
+            match limit.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let gw = self.clone();
+                    self.tracker
+                        .spawn(gw.connection(stream, id, peer, permit).instrument(span));
+                }
+                Err(_) => {
+                    self.metrics.connection_result(ConnResult::OverCapacity);
+                    if let Ok(permit) = rejections.clone().try_acquire_owned() {
+                        let gw = self.clone();
+                        self.tracker.spawn(
+                            async move {
+                                gw.reject_full(stream).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
+                    }
+                }
+            }
+        }
+        debug!("websocket listener stopped accepting");
+    }
+
+    /// One connection from TCP accept to close. The permit is held for the
+    /// whole life of the connection, which is what `max_connections` counts.
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        id: u64,
+        peer: SocketAddr,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let ws = tokio::select! {
+            _ = self.force.cancelled() => return,
+            ws = self.handshake(stream, peer) => ws,
+        };
+        let Some(ws) = ws else { return };
+        self.metrics.connection_result(ConnResult::Accepted);
+        let ctx = SessionContext {
+            id,
+            config: &self.config,
+            hub: &self.hub,
+            metrics: &self.metrics,
+            shutdown: &self.shutdown,
+        };
+        tokio::select! {
+            _ = self.force.cancelled() => debug!("dropped at the end of the shutdown grace period"),
+            _ = session::run(ws, ctx) => {}
+        }
+    }
+
+    /// Runs the HTTP part of the connection through hyper. Returns the
+    /// WebSocket once the 101 response has been written, or `None` if the
+    /// request was refused or the client gave up.
+    async fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<WebSocketStream<TcpStream>> {
+        let (upgrade_tx, mut upgrade_rx) = mpsc::channel(1);
+        let service = hyper::service::service_fn(|req: Request<Incoming>| {
+            let response = self.answer_handshake(req, &upgrade_tx, peer);
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.handshake_timeout)
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        match tokio::time::timeout(self.config.handshake_timeout, conn).await {
+            Err(_) => {
+                self.metrics.connection_result(ConnResult::HandshakeTimeout);
+                debug!("handshake not finished in time, dropped");
+                return None;
+            }
+            Ok(Err(e)) if e.is_timeout() => {
+                self.metrics.connection_result(ConnResult::HandshakeTimeout);
+                debug!("handshake not finished in time, dropped");
+                return None;
+            }
+            Ok(Err(e)) => {
+                self.metrics.connection_result(ConnResult::BadRequest);
+                debug!(error = %e, "handshake failed");
+                return None;
+            }
+            Ok(Ok(())) => {}
+        }
+        // No upgrade queued means the request was answered with an error.
+        let on_upgrade = upgrade_rx.try_recv().ok()?;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(error = %e, "upgrade failed");
+                return None;
+            }
+        };
+        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => parts,
+            Err(_) => {
+                warn!("upgraded connection was not a TCP stream");
+                return None;
+            }
+        };
+        let config = ws_config(&self.config);
+        let ws = WebSocketStream::from_partially_read(
+            parts.io.into_inner(),
+            parts.read_buf.to_vec(),
+            Role::Server,
+            Some(config),
+        )
+        .await;
+        Some(ws)
+    }
+
+    /// Decides the response to a handshake request. On success the pending
+    /// upgrade is passed out through `upgrade_tx`.
+    fn answer_handshake(
+        &self,
+        mut req: Request<Incoming>,
+        upgrade_tx: &mpsc::Sender<hyper::upgrade::OnUpgrade>,
+        peer: SocketAddr,
+    ) -> Response<Full<Bytes>> {
+        let headers = req.headers();
+        let has_token = |name: header::HeaderName, token: &str| {
+            headers.get_all(name).iter().any(|v| {
+                v.to_str()
+                    .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                    .unwrap_or(false)
+            })
+        };
+        let is_upgrade =
+            has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket");
+        if !is_upgrade {
+            self.metrics.connection_result(ConnResult::BadRequest);
+            debug!(method = %req.method(), path = %req.uri().path(), "plain HTTP request on the WebSocket port");
+            let mut r = text(
+                StatusCode::UPGRADE_REQUIRED,
+                format!(
+                    "This is hubbub's WebSocket port: connect with a WebSocket client.\n\
+                     The chat page is at {}\n",
+                    self.page_url
+                ),
+            );
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            return r;
+        }
+        if req.method() != Method::GET {
+            self.metrics.connection_result(ConnResult::BadRequest);
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a WebSocket handshake is a GET request\n".into(),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            return r;
+        }
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(|v| v.as_bytes())
+            != Some(b"13")
+        {
+            self.metrics.connection_result(ConnResult::BadRequest);
+            let mut r = text(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported Sec-WebSocket-Version; this server speaks version 13\n".into(),
+            );
+            r.headers_mut()
+                .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            return r;
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+            self.metrics.connection_result(ConnResult::BadRequest);
+            return text(
+                StatusCode::BAD_REQUEST,
+                "missing Sec-WebSocket-Key header\n".into(),
+            );
+        };
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        if !self.origin.allows(origin, host) {
+            self.metrics.connection_result(ConnResult::ForbiddenOrigin);
+            warn!(origin = origin.unwrap_or(""), %peer, "refused WebSocket from a foreign origin");
+            return text(
+                StatusCode::FORBIDDEN,
+                "this origin may not connect; see allowed_origins\n".into(),
+            );
+        }
+        if self.shutdown.is_cancelled() {
+            self.metrics.connection_result(ConnResult::OverCapacity);
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server shutting down\n".into(),
+            );
+        }
+        let accept = derive_accept_key(key.as_bytes());
+        let _ = upgrade_tx.try_send(hyper::upgrade::on(&mut req));
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        r
+    }
+
+    /// Answers a connection beyond `max_connections` with 503 at once.
+    async fn reject_full(&self, stream: TcpStream) {
+        warn!("refused: max_connections reached");
+        let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+            let mut r = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections; try again shortly\n".into(),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Ok::<_, std::convert::Infallible>(r)
+        });
+        let limit = self.config.handshake_timeout.min(Duration::from_secs(5));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limit)
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(stream), service);
+        let _ = tokio::time::timeout(limit, conn).await;
+    }
+}
+
+/// Buffers sized for chat: tungstenite's defaults (128 KiB read buffer,
+/// zero-filled) cost far more memory and CPU per peer than small messages
+/// need. Incoming limits come straight from `max_message_bytes`.
+pub fn ws_config(config: &Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_write_buffer_size(64 * 1024 + config.max_message_bytes * 2)
+        .max_message_size(Some(config.max_message_bytes))
+        .max_frame_size(Some(config.max_message_bytes))
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

@@ -1,0 +1,32 @@
+//! hubbub: a standalone broadcast chat server.
+//!
+//! Every text message any WebSocket peer sends reaches every connected peer,
+//! the sender included, byte for byte and in the same order for everyone.
+//!
+//! The pieces, one module each:
+//! - [`config`]: flags, `HUBBUB_*` environment, TOML file, defaults.
+//! - [`server`]: binds both listeners and runs everything until shutdown.
+//! - [`http`]: the HTTP listener (chat page, `/healthz`, `/metrics`).
+//! - [`gateway`]: the WebSocket listener and the opening handshake.
+//! - [`origin`]: which browser origins may connect.
+//! - [`session`]: one connected peer, reading and writing.
+//! - [`hub`]: the task that fans every message out to every peer.
+//! - [`page`]: the chat page and its Content-Security-Policy.
+//! - [`metrics`]: the counters behind `/metrics`.
+//! - [`shutdown`]: turning SIGINT/SIGTERM into the shutdown future.
+//! - [`healthcheck`]: the `hubbub healthcheck` client used by containers.
+
+pub mod config;
+pub mod gateway;
+pub mod healthcheck;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod origin;
+pub mod page;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+
+pub use config::Config;
+pub use server::{run, Error, Server};

@@ -1,0 +1,77 @@
+//! The `hubbub` binary: parse arguments, set up logging, call the library.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use hubbub::config::{Cli, Command, Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    // clap prints its own message and exits with 2 on a bad flag.
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("HUBBUB_"))
+        .collect();
+    let config = match Config::resolve(&cli.settings, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hubbub: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hubbub: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    if let Some(Command::Healthcheck) = cli.command {
+        let addr = hubbub::healthcheck::target(&config);
+        return match runtime.block_on(hubbub::healthcheck::check(addr, Duration::from_secs(3))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hubbub healthcheck: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
+    init_logging(config.log_format);
+    runtime.block_on(async {
+        let server = match hubbub::Server::bind(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("hubbub: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match server.run(hubbub::shutdown::signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hubbub: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Logs go to stdout; `RUST_LOG` picks the level (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,137 @@
+//! Counters behind `GET /metrics`.
+//!
+//! These are plain relaxed atomics rather than hub-owned state: they are
+//! bumped from every connection task, read rarely, and a scrape that is a few
+//! nanoseconds stale is fine. Writers add per batch, not per byte, so the
+//! shared cache lines are touched as little as possible.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a WebSocket connection attempt ended before becoming a peer, or that it
+/// became one. Each is a `result` label of `hubbub_connections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnResult {
+    Accepted,
+    OverCapacity,
+    ForbiddenOrigin,
+    BadRequest,
+    HandshakeTimeout,
+}
+
+impl ConnResult {
+    const ALL: [ConnResult; 5] = [
+        ConnResult::Accepted,
+        ConnResult::OverCapacity,
+        ConnResult::ForbiddenOrigin,
+        ConnResult::BadRequest,
+        ConnResult::HandshakeTimeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnResult::Accepted => "accepted",
+            ConnResult::OverCapacity => "over_capacity",
+            ConnResult::ForbiddenOrigin => "forbidden_origin",
+            ConnResult::BadRequest => "bad_request",
+            ConnResult::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    connections: AtomicU64,
+    connections_total: [AtomicU64; 5],
+    messages_received: AtomicU64,
+    deliveries: AtomicU64,
+    bytes_sent: AtomicU64,
+    slow_consumer_disconnects: AtomicU64,
+}
+
+impl Metrics {
+    pub fn connection_result(&self, result: ConnResult) {
+        let i = ConnResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or_default();
+        self.connections_total[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn peer_opened(&self) {
+        self.connections.fetch_add(1, Relaxed);
+    }
+
+    pub fn peer_closed(&self) {
+        self.connections.fetch_sub(1, Relaxed);
+    }
+
+    pub fn message_received(&self) {
+        self.messages_received.fetch_add(1, Relaxed);
+    }
+
+    pub fn delivered(&self, messages: u64, bytes: u64) {
+        self.deliveries.fetch_add(messages, Relaxed);
+        self.bytes_sent.fetch_add(bytes, Relaxed);
+    }
+
+    pub fn slow_consumer_disconnect(&self) {
+        self.slow_consumer_disconnects.fetch_add(1, Relaxed);
+    }
+
+    pub fn open_connections(&self) -> u64 {
+        self.connections.load(Relaxed)
+    }
+
+    /// Renders the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(1024);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        metric(
+            "hubbub_connections",
+            "gauge",
+            "Open WebSocket peers.",
+            self.connections.load(Relaxed),
+        );
+        metric(
+            "hubbub_messages_received_total",
+            "counter",
+            "Messages received from peers and handed to the hub.",
+            self.messages_received.load(Relaxed),
+        );
+        metric(
+            "hubbub_deliveries_total",
+            "counter",
+            "Messages written to peers (one per message per peer).",
+            self.deliveries.load(Relaxed),
+        );
+        metric(
+            "hubbub_bytes_sent_total",
+            "counter",
+            "Payload bytes of messages written to peers.",
+            self.bytes_sent.load(Relaxed),
+        );
+        metric(
+            "hubbub_slow_consumer_disconnects_total",
+            "counter",
+            "Peers closed with 1008 because their send queue was full.",
+            self.slow_consumer_disconnects.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP hubbub_connections_total WebSocket connection attempts by outcome.\n\
+             # TYPE hubbub_connections_total counter"
+        );
+        for (r, count) in ConnResult::ALL.iter().zip(&self.connections_total) {
+            let _ = writeln!(
+                out,
+                "hubbub_connections_total{{result=\"{}\"}} {}",
+                r.label(),
+                count.load(Relaxed)
+            );
+        }
+        out
+    }
+}

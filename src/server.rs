@@ -1,0 +1,191 @@
+//! Binding the listeners and running the server until shutdown.
+//!
+//! Binding is separate from running so that callers (tests, `main`) learn the
+//! real addresses when port 0 was asked for, and so that a port already in
+//! use is reported before anything starts.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::origin::OriginCheck;
+use crate::page::{Page, PageError};
+use crate::{http, hub};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Page(#[from] PageError),
+    #[error("HTTP listener failed: {0}")]
+    Http(io::Error),
+}
+
+/// A server whose listeners are bound but not yet serving.
+pub struct Server {
+    config: Config,
+    http: TcpListener,
+    ws: TcpListener,
+    http_addr: SocketAddr,
+    ws_addr: SocketAddr,
+}
+
+async fn bind_one(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, what, source })
+}
+
+impl Server {
+    /// Binds both listeners. Port 0 picks a free port; the real ones are
+    /// available from [`Server::http_addr`] and [`Server::ws_addr`].
+    pub async fn bind(config: Config) -> Result<Server, Error> {
+        let http = bind_one(config.http_addr(), "HTTP").await?;
+        let ws = bind_one(config.ws_addr(), "WebSocket").await?;
+        let http_addr = http.local_addr().map_err(Error::Http)?;
+        let ws_addr = ws.local_addr().map_err(Error::Http)?;
+        Ok(Server {
+            config,
+            http,
+            ws,
+            http_addr,
+            ws_addr,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully: stop
+    /// accepting, deliver what the hub already accepted, close every peer
+    /// with 1001 and wait up to `shutdown_grace` for the closing handshakes.
+    pub async fn run(self, shutdown: impl Future) -> Result<(), Error> {
+        let Server {
+            config,
+            http,
+            ws,
+            http_addr,
+            ws_addr,
+        } = self;
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let stop = CancellationToken::new();
+        let force = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let page = Arc::new(Page::load(
+            config.static_dir.as_deref(),
+            ws_addr.port(),
+            config.public_ws_url.clone(),
+            config.max_message_bytes,
+        )?);
+        let (hub, hub_task) = hub::spawn(config.send_queue, metrics.clone(), stop.clone());
+
+        let page_url = format!("http://{}/", display_addr(http_addr));
+        let gateway = Arc::new(Gateway {
+            config: config.clone(),
+            origin: OriginCheck {
+                policy: config.allowed_origins.clone(),
+                http_port: http_addr.port(),
+                bind_host: http_addr.ip(),
+            },
+            hub,
+            metrics: metrics.clone(),
+            shutdown: stop.clone(),
+            force: force.clone(),
+            tracker: tracker.clone(),
+            page_url: page_url.clone(),
+        });
+        let ws_task = tokio::spawn(gateway.serve(ws));
+
+        let app = http::router(page, metrics.clone());
+        let http_stop = stop.clone();
+        let mut http_task = tokio::spawn(async move {
+            axum::serve(http, app)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await
+        });
+
+        info!(
+            page = %page_url,
+            websocket = %format!("ws://{}/", display_addr(ws_addr)),
+            "hubbub listening: open {page_url} in a browser",
+        );
+
+        let mut http_result = None;
+        tokio::select! {
+            _ = shutdown => info!("shutting down"),
+            r = &mut http_task => {
+                warn!("HTTP listener stopped unexpectedly: {r:?}");
+                http_result = Some(r);
+            }
+        }
+        stop.cancel();
+        let _ = ws_task.await;
+        let _ = hub_task.await;
+
+        tracker.close();
+        let open = metrics.open_connections();
+        if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                still_open = metrics.open_connections(),
+                "shutdown grace period over, dropping remaining connections"
+            );
+            force.cancel();
+            tracker.wait().await;
+        }
+        // The HTTP side stops on the same token; it has no long-lived work.
+        let http_result = match http_result {
+            Some(r) => r,
+            None => http_task.await,
+        };
+        info!(peers_closed = open, "stopped");
+        match http_result {
+            Ok(Err(e)) => Err(Error::Http(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Binds with `config` and serves until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future) -> Result<(), Error> {
+    Server::bind(config).await?.run(shutdown).await
+}
+
+/// An address as a person would type it in a browser: an unspecified bind
+/// address (0.0.0.0) is shown as 127.0.0.1, which reaches it from this machine.
+fn display_addr(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        match addr {
+            SocketAddr::V4(_) => "127.0.0.1".to_string(),
+            SocketAddr::V6(_) => "[::1]".to_string(),
+        }
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
+    } else {
+        addr.ip().to_string()
+    };
+    format!("{ip}:{}", addr.port())
+}
