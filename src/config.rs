@@ -140,10 +140,11 @@ impl Config {
     /// `--config` or `HUBBUB_CONFIG`.
     pub fn resolve(flags: &Settings, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let mut layers = Layers::default();
-        let config_path = flags
-            .config
-            .clone()
-            .or_else(|| env.get("HUBBUB_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from));
+        let config_path = flags.config.clone().or_else(|| {
+            env.get("HUBBUB_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
         if let Some(path) = config_path {
             layers.apply_file(&path)?;
         }
@@ -296,6 +297,19 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The top-level key whose entry (key through value) covers `offset`. toml's
+/// type errors point at the value but do not name its key (`invalid type:
+/// string "8080", expected i64`), and the operator should not have to work out
+/// which setting that was; `None` if the file does not even parse as TOML.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let table = toml::de::DeTable::parse(text).ok()?;
+    table
+        .get_ref()
+        .iter()
+        .find(|(k, v)| k.span().start <= offset && offset < v.span().end.max(k.span().end))
+        .map(|(k, _)| k.get_ref().to_string())
+}
+
 impl Layers {
     fn set(&mut self, key: &'static str, raw: Raw, source: Source) {
         self.values.insert(key, (raw, source));
@@ -307,13 +321,20 @@ impl Layers {
             source,
         })?;
         let file: FileConfig = toml::from_str(&text).map_err(|e| {
-            let line = e
+            let message = e.message().trim_end();
+            let at = e
                 .span()
-                .map(|s| format!("line {}: ", line_of(&text, s.start)))
+                .map(|s| {
+                    let key = key_at(&text, s.start)
+                        .filter(|k| !message.contains(&format!("`{k}`")))
+                        .map(|k| format!("key `{k}`: "))
+                        .unwrap_or_default();
+                    format!("line {}: {key}", line_of(&text, s.start))
+                })
                 .unwrap_or_default();
             ConfigError::Parse {
                 path: path.to_path_buf(),
-                message: format!("{line}{}", e.message().trim_end()),
+                message: format!("{at}{message}"),
             }
         })?;
         let source = |span: std::ops::Range<usize>| Source::File {
@@ -324,7 +345,11 @@ impl Layers {
             ($field:ident, $variant:ident) => {
                 if let Some(v) = file.$field {
                     let span = v.span();
-                    self.set(stringify!($field), Raw::$variant(v.into_inner()), source(span));
+                    self.set(
+                        stringify!($field),
+                        Raw::$variant(v.into_inner()),
+                        source(span),
+                    );
                 }
             };
         }
@@ -451,26 +476,45 @@ impl Layers {
             c.log_format = x;
         }
 
-        // Checks that involve two keys are reported against the later one.
+        // Checks that involve two keys are reported against the one the
+        // operator set in the higher layer (see `blame`).
         if c.http_port != 0 && c.http_port == c.ws_port {
+            let key = blame(v, "http_port", "ws_port");
+            let other = if key == "ws_port" {
+                "http_port"
+            } else {
+                "ws_port"
+            };
             return Err(invalid(
                 v,
-                "ws_port",
+                key,
                 format!(
-                    "the WebSocket listener cannot share {}:{} with the HTTP listener",
-                    c.host, c.ws_port
+                    "the HTTP and WebSocket listeners cannot share {} ({other} is {} too, {})",
+                    SocketAddr::new(c.host, c.ws_port),
+                    c.ws_port,
+                    provenance(v, other)
                 ),
             ));
         }
         if c.idle_timeout <= c.ping_interval {
+            let key = blame(v, "ping_interval", "idle_timeout");
+            let message = if key == "idle_timeout" {
+                format!(
+                    "must be longer than ping_interval ({}, {})",
+                    humantime::format_duration(c.ping_interval),
+                    provenance(v, "ping_interval")
+                )
+            } else {
+                format!(
+                    "must be shorter than idle_timeout ({}, {})",
+                    humantime::format_duration(c.idle_timeout),
+                    provenance(v, "idle_timeout")
+                )
+            };
             return Err(invalid(
                 v,
-                "idle_timeout",
-                format!(
-                    "must be longer than ping_interval ({}), or peers that answer pings would be \
-                     timed out",
-                    humantime::format_duration(c.ping_interval)
-                ),
+                key,
+                format!("{message}, or peers that answer pings would be timed out"),
             ));
         }
         Ok(c)
@@ -482,6 +526,37 @@ fn source_of(values: &HashMap<&'static str, (Raw, Source)>, key: &str) -> Source
         .get(key)
         .map(|(_, s)| s.clone())
         .unwrap_or(Source::Default)
+}
+
+/// Of two keys whose values conflict, the one to report: the one set in the
+/// higher layer (flag over environment over file over default), because that
+/// is the setting that moved onto the other, and on a tie `later`. Blaming a
+/// key that is still at its default would send the operator looking for a
+/// line or flag that does not exist.
+fn blame(
+    values: &HashMap<&'static str, (Raw, Source)>,
+    earlier: &'static str,
+    later: &'static str,
+) -> &'static str {
+    let rank = |key| match source_of(values, key) {
+        Source::Default => 0,
+        Source::File { .. } => 1,
+        Source::Env { .. } => 2,
+        Source::Flag { .. } => 3,
+    };
+    if rank(earlier) > rank(later) {
+        earlier
+    } else {
+        later
+    }
+}
+
+/// Where the other key of a conflict got its value, for the message.
+fn provenance(values: &HashMap<&'static str, (Raw, Source)>, key: &str) -> String {
+    match source_of(values, key) {
+        Source::Default => "the default".into(),
+        at => format!("from {at}"),
+    }
 }
 
 fn invalid(
@@ -505,11 +580,13 @@ fn get<T>(
 ) -> Result<Option<T>, ConfigError> {
     match values.get(key) {
         None => Ok(None),
-        Some((raw, source)) => parse(raw).map(Some).map_err(|message| ConfigError::Invalid {
-            at: source.clone(),
-            key,
-            message,
-        }),
+        Some((raw, source)) => parse(raw)
+            .map(Some)
+            .map_err(|message| ConfigError::Invalid {
+                at: source.clone(),
+                key,
+                message,
+            }),
     }
 }
 
@@ -579,12 +656,15 @@ fn parse_duration(raw: &Raw) -> Result<Duration, String> {
     let s = match raw {
         Raw::Text(s) => s.trim().to_string(),
         Raw::Int(_) => {
-            return Err("expected a duration string with a unit, such as \"25s\" or \"500ms\"".into())
+            return Err(
+                "expected a duration string with a unit, such as \"25s\" or \"500ms\"".into(),
+            )
         }
         _ => return Err("expected a duration such as \"25s\"".into()),
     };
-    let d = humantime::parse_duration(&s)
-        .map_err(|e| format!("expected a duration such as \"25s\" or \"500ms\", got {s:?} ({e})"))?;
+    let d = humantime::parse_duration(&s).map_err(|e| {
+        format!("expected a duration such as \"25s\" or \"500ms\", got {s:?} ({e})")
+    })?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
     }
@@ -602,7 +682,9 @@ fn parse_ws_url(raw: &Raw) -> Result<Option<String>, String> {
         .ok_or_else(|| format!("expected a ws:// or wss:// URL, got {s:?}"))?;
     if rest.is_empty() || rest.starts_with('/') || s.chars().any(|c| c.is_whitespace() || c == '"')
     {
-        return Err(format!("expected a ws:// or wss:// URL with a host, got {s:?}"));
+        return Err(format!(
+            "expected a ws:// or wss:// URL with a host, got {s:?}"
+        ));
     }
     Ok(Some(s))
 }

@@ -141,7 +141,11 @@ impl Gateway {
     /// Runs the HTTP part of the connection through hyper. Returns the
     /// WebSocket once the 101 response has been written, or `None` if the
     /// request was refused or the client gave up.
-    async fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<WebSocketStream<TcpStream>> {
+    async fn handshake(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<WebSocketStream<TcpStream>> {
         let (upgrade_tx, mut upgrade_rx) = mpsc::channel(1);
         let service = hyper::service::service_fn(|req: Request<Incoming>| {
             let response = self.answer_handshake(req, &upgrade_tx, peer);
@@ -150,7 +154,9 @@ impl Gateway {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.handshake_timeout)
-            .keep_alive(false)
+            // Not keep_alive(false): hyper would then add `close` to the 101
+            // response's Connection header, which clients reject. Refusals
+            // carry `Connection: close` themselves.
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         match tokio::time::timeout(self.config.handshake_timeout, conn).await {
@@ -251,8 +257,10 @@ impl Gateway {
                 StatusCode::UPGRADE_REQUIRED,
                 "unsupported Sec-WebSocket-Version; this server speaks version 13\n".into(),
             );
-            r.headers_mut()
-                .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            r.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
             return r;
         }
         let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
@@ -333,5 +341,8 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // One handshake per connection: a refused client starts over.
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }

@@ -87,7 +87,10 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(1024);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         metric(
             "hubbub_connections",

@@ -52,7 +52,11 @@ impl OriginCheck {
                 return true;
             }
         }
-        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             if ip == self.bind_host {
                 return true;
             }

@@ -185,11 +185,20 @@ mod tests {
     #[test]
     fn ws_url_follows_the_host_header() {
         let p = Page::load(None, 9001, None, 100).unwrap();
-        assert_eq!(p.ws_url(Some("chat.lan:8080")).as_deref(), Some("ws://chat.lan:9001/"));
-        assert_eq!(p.ws_url(Some("[::1]:8080")).as_deref(), Some("ws://[::1]:9001/"));
+        assert_eq!(
+            p.ws_url(Some("chat.lan:8080")).as_deref(),
+            Some("ws://chat.lan:9001/")
+        );
+        assert_eq!(
+            p.ws_url(Some("[::1]:8080")).as_deref(),
+            Some("ws://[::1]:9001/")
+        );
         assert_eq!(p.ws_url(Some("evil\"><script>")), None);
         let p = Page::load(None, 9001, Some("wss://chat.example.com/ws".into()), 100).unwrap();
-        assert_eq!(p.ws_url(Some("x:1")).as_deref(), Some("wss://chat.example.com/ws"));
+        assert_eq!(
+            p.ws_url(Some("x:1")).as_deref(),
+            Some("wss://chat.example.com/ws")
+        );
         assert!(p
             .content_security_policy(None)
             .contains("connect-src 'self' wss://chat.example.com;"));
@@ -202,7 +211,10 @@ mod tests {
         assert_eq!(inline_hashes(html, "style").len(), 1);
         // sha256("go()") in base64
         let expected = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(b"go()"));
-        assert_eq!(inline_hashes(html, "script")[0], format!("'sha256-{expected}'"));
+        assert_eq!(
+            inline_hashes(html, "script")[0],
+            format!("'sha256-{expected}'")
+        );
     }
 
     #[test]

@@ -119,7 +119,8 @@ pub async fn run(ws: WebSocketStream<TcpStream>, ctx: SessionContext<'_>) {
             } else {
                 CLOSE_TIMEOUT
             };
-            let _ = tokio::time::timeout(wait, close_handshake(&mut sink, &mut stream, frame)).await;
+            let _ =
+                tokio::time::timeout(wait, close_handshake(&mut sink, &mut stream, frame)).await;
         }
         None => {
             // The peer closed or vanished; flush any close reply tungstenite
@@ -161,7 +162,10 @@ async fn read_loop(stream: &mut Stream, ctx: &SessionContext<'_>) -> ReadEnd {
             Message::Text(_) => {}
             Message::Binary(_) if ctx.config.allow_binary => {}
             Message::Binary(_) => {
-                return ReadEnd::Violation(CloseCode::Unsupported, "binary messages are not accepted")
+                return ReadEnd::Violation(
+                    CloseCode::Unsupported,
+                    "binary messages are not accepted",
+                )
             }
             // Any frame at all, pongs included, counts as a sign of life.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
@@ -178,7 +182,9 @@ async fn read_loop(stream: &mut Stream, ctx: &SessionContext<'_>) -> ReadEnd {
 fn classify(e: WsError) -> ReadEnd {
     match e {
         WsError::Capacity(_) => ReadEnd::Violation(CloseCode::Size, "message too big"),
-        WsError::Utf8(_) => ReadEnd::Violation(CloseCode::Invalid, "text message is not valid UTF-8"),
+        WsError::Utf8(_) => {
+            ReadEnd::Violation(CloseCode::Invalid, "text message is not valid UTF-8")
+        }
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => ReadEnd::Gone,
         WsError::Protocol(p) => {
             debug!(error = %p, "protocol error");

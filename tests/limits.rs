@@ -1,0 +1,309 @@
+//! Limits and liveness: slow consumers, capacity, idleness, handshakes,
+//! origins and requests that are not WebSocket upgrades.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use hubbub::config::OriginPolicy;
+use hubbub::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_with_1008_and_others_get_everything() {
+    let server = TestServer::start(Config {
+        send_queue: 64,
+        ..Config::ephemeral()
+    })
+    .await;
+    let sender = server.connect().await;
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        readers.push(server.connect().await);
+    }
+    let mut stalled = server.connect().await;
+    server.wait_metric("hubbub_connections", 4).await;
+
+    // 16 MiB per client in 8 KiB messages: far more than the loopback socket
+    // buffers of the stalled client can hold. The sender keeps at most
+    // WINDOW messages unconfirmed by its own echo, so the reading clients
+    // are never far behind and only the stalled one can fill its queue.
+    const COUNT: usize = 2000;
+    const WINDOW: usize = 32;
+    let body = "m".repeat(8 * 1024);
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let (mut tx, mut echo) = sender.split();
+    let echo_window = window.clone();
+    let echo_task = tokio::spawn(async move {
+        let mut n = 0;
+        while n < COUNT {
+            match tokio::time::timeout(WAIT, echo.next()).await {
+                Ok(Some(Ok(Message::Text(_)))) => {
+                    n += 1;
+                    echo_window.add_permits(1);
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("sender lost its echo after {n}: {other:?}"),
+            }
+        }
+        n
+    });
+    let reader_tasks: Vec<_> = readers
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                for i in 0..COUNT {
+                    let text = next_text(&mut ws).await;
+                    assert!(
+                        text.starts_with(&format!("{i:05}:")),
+                        "message {i} out of order"
+                    );
+                }
+                ws
+            })
+        })
+        .collect();
+    for i in 0..COUNT {
+        window.acquire().await.expect("window").forget();
+        let text = format!("{i:05}:{body}");
+        tx.send(Message::text(text)).await.expect("send");
+    }
+    assert_eq!(echo_task.await.expect("echo"), COUNT);
+    let mut still_open = Vec::new();
+    for t in reader_tasks {
+        still_open.push(t.await.expect("a reading client lost messages"));
+    }
+    assert_eq!(
+        server
+            .metric("hubbub_slow_consumer_disconnects_total")
+            .await,
+        1
+    );
+    // The stalled client finally reads: what was already in flight, then 1008.
+    let (frame, received) = expect_close(&mut stalled).await;
+    assert_eq!(frame.code, CloseCode::Policy);
+    assert!(frame.reason.contains("slow consumer"), "{}", frame.reason);
+    assert!(received < COUNT, "the stalled client got everything");
+    server.wait_metric("hubbub_connections", 3).await;
+}
+
+#[tokio::test]
+async fn max_connections_plus_one_gets_503_until_someone_leaves() {
+    let server = TestServer::start(Config {
+        max_connections: 2,
+        ..Config::ephemeral()
+    })
+    .await;
+    let a = server.connect().await;
+    let _b = server.connect().await;
+    let refused = connect(server.ws, None).await;
+    assert_eq!(refused_status(refused), 503);
+    assert_eq!(
+        server
+            .metric("hubbub_connections_total{result=\"over_capacity\"}")
+            .await,
+        1
+    );
+    drop(a);
+    server.wait_metric("hubbub_connections", 1).await;
+    // The slot frees when the connection task ends, just after the gauge.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut c = loop {
+        match connect(server.ws, None).await {
+            Ok(ws) => break ws,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("a freed slot was not reusable: {e}"),
+        }
+    };
+    send_text(&mut c, "in").await;
+    assert_eq!(next_text(&mut c).await, "in");
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_closed_after_idle_timeout() {
+    let server = TestServer::start(Config {
+        ping_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(400),
+        ..Config::ephemeral()
+    })
+    .await;
+    // This client never polls its socket, so it never answers a ping.
+    let mut silent = server.connect().await;
+    server.wait_metric("hubbub_connections", 1).await;
+    server.wait_metric("hubbub_connections", 0).await;
+    let (frame, _) = expect_close(&mut silent).await;
+    assert_eq!(frame.code, CloseCode::Away);
+    assert_eq!(frame.reason.as_str(), "idle timeout");
+}
+
+#[tokio::test]
+async fn a_peer_that_only_answers_pings_stays_connected() {
+    let server = TestServer::start(Config {
+        ping_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(400),
+        ..Config::ephemeral()
+    })
+    .await;
+    let mut ws = server.connect().await;
+    // Reading lets tungstenite answer each ping with a pong.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(next) = tokio::time::timeout_at(until, ws.next()).await {
+        match next {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("unexpected while idle: {other:?}"),
+        }
+    }
+    assert!(
+        pings >= 3,
+        "only {pings} pings in 1.5 s at a 100 ms interval"
+    );
+    assert_eq!(server.metric("hubbub_connections").await, 1);
+    send_text(&mut ws, "still alive").await;
+    assert_eq!(next_text(&mut ws).await, "still alive");
+}
+
+/// Reads until the server closes the socket; fails if it stays open.
+async fn expect_dropped(mut stream: TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the server kept a stalled handshake open"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_is_dropped() {
+    let server = TestServer::start(Config {
+        handshake_timeout: Duration::from_millis(300),
+        ..Config::ephemeral()
+    })
+    .await;
+    // Says nothing at all.
+    let mute = TcpStream::connect(server.ws).await.expect("connect");
+    // Starts a request and never finishes it.
+    let mut partial = TcpStream::connect(server.ws).await.expect("connect");
+    partial
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+        .await
+        .expect("write");
+    let started = tokio::time::Instant::now();
+    expect_dropped(mute).await;
+    expect_dropped(partial).await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    server
+        .wait_metric("hubbub_connections_total{result=\"handshake_timeout\"}", 2)
+        .await;
+    // Meanwhile a prompt client is fine.
+    let mut ws = server.connect().await;
+    send_text(&mut ws, "ok").await;
+    assert_eq!(next_text(&mut ws).await, "ok");
+}
+
+#[tokio::test]
+async fn plain_http_on_the_websocket_port_gets_a_4xx() {
+    let server = TestServer::default().await;
+    let (status, headers, body) = http_get(server.ws, "/").await;
+    assert_eq!(status, 426);
+    assert_eq!(headers["upgrade"], "websocket");
+    assert!(body.contains(&format!("http://{}/", server.http)), "{body}");
+    let (status, _, _) = http_request(server.ws, "POST", "/", &[]).await;
+    assert!((400..500).contains(&status), "{status}");
+    // An upgrade without a key, or with the wrong version.
+    let upgrade = [("Connection", "Upgrade"), ("Upgrade", "websocket")];
+    let (status, _, _) = http_request(
+        server.ws,
+        "GET",
+        "/",
+        &[upgrade[0], upgrade[1], ("Sec-WebSocket-Version", "13")],
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, headers, _) = http_request(
+        server.ws,
+        "GET",
+        "/",
+        &[
+            upgrade[0],
+            upgrade[1],
+            ("Sec-WebSocket-Version", "8"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
+    .await;
+    assert_eq!(status, 426);
+    assert_eq!(headers["sec-websocket-version"], "13");
+    // Garbage that is not HTTP at all gets hyper's 400, not a hang.
+    let mut raw = TcpStream::connect(server.ws).await.expect("connect");
+    raw.write_all(b"\x16\x03\x01 definitely not http\r\n\r\n")
+        .await
+        .expect("write");
+    let reply = expect_dropped(raw).await;
+    assert!(
+        reply.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
+#[tokio::test]
+async fn default_origin_policy_admits_the_page_and_refuses_others() {
+    let server = TestServer::default().await;
+    let page_origin = format!("http://127.0.0.1:{}", server.http.port());
+    let localhost_origin = format!("http://localhost:{}", server.http.port());
+    let ws_port_origin = format!("http://127.0.0.1:{}", server.ws.port());
+
+    let mut ws = connect(server.ws, Some(&page_origin))
+        .await
+        .expect("the page's own origin is admitted");
+    send_text(&mut ws, "from the page").await;
+    assert_eq!(next_text(&mut ws).await, "from the page");
+    connect(server.ws, Some(&localhost_origin))
+        .await
+        .expect("localhost names the same loopback listener");
+    connect(server.ws, None)
+        .await
+        .expect("non-browser clients send no Origin");
+
+    for foreign in ["http://evil.example", &ws_port_origin, "null"] {
+        let refused = connect(server.ws, Some(foreign)).await;
+        assert_eq!(refused_status(refused), 403, "{foreign}");
+    }
+}
+
+#[tokio::test]
+async fn allowed_origins_list_and_wildcard() {
+    let server = TestServer::start(Config {
+        allowed_origins: OriginPolicy::List(vec!["https://chat.example.com".into()]),
+        ..Config::ephemeral()
+    })
+    .await;
+    connect(server.ws, Some("https://chat.example.com"))
+        .await
+        .expect("listed origin");
+    let page_origin = format!("http://127.0.0.1:{}", server.http.port());
+    assert_eq!(
+        refused_status(connect(server.ws, Some(&page_origin)).await),
+        403
+    );
+
+    let open = TestServer::start(Config {
+        allowed_origins: OriginPolicy::Any,
+        ..Config::ephemeral()
+    })
+    .await;
+    connect(open.ws, Some("http://anything.example"))
+        .await
+        .expect("* admits any origin");
+}
