@@ -9,7 +9,6 @@
 //! the WebSocket traffic runs on the bare socket.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +28,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::config::Config;
 use crate::hub::HubHandle;
+use crate::listener::Acceptor;
 use crate::metrics::{ConnResult, Metrics};
 use crate::origin::OriginCheck;
 use crate::session::{self, SessionContext};
@@ -55,36 +55,15 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Accepts connections until shutdown. Accept errors (for example running
-    /// out of file descriptors) are logged and retried with backoff rather
-    /// than ending the server: they are usually temporary.
+    /// Accepts connections until shutdown.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
         let rejections = Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS));
-        let next_id = AtomicU64::new(1);
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            let accepted = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                r = listener.accept() => r,
-            };
-            let (stream, peer) = match accepted {
-                Ok(x) => {
-                    backoff = Duration::from_millis(10);
-                    x
-                }
-                Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "accept failed");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let mut next_id: u64 = 0;
+        let mut acceptor = Acceptor::new(listener, self.shutdown.clone());
+        while let Some((stream, peer)) = acceptor.next().await {
+            next_id += 1;
+            let id = next_id;
             let span = info_span!("conn", id, peer = %peer);
             match limit.clone().try_acquire_owned() {
                 Ok(permit) => {

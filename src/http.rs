@@ -1,15 +1,29 @@
 //! The HTTP listener: the chat page, `/healthz` and `/metrics`.
 //!
 //! Routing, methods and status codes are axum's: an unknown path is 404 and a
-//! known path with the wrong method is 405 with an `Allow` header.
+//! known path with the wrong method is 405 with an `Allow` header. The
+//! connections themselves are served by hyper directly rather than through
+//! `axum::serve`, for the limits a public listener needs: a cap on open
+//! connections, a deadline for request headers (so a slow client cannot hold
+//! a connection open for free), and shutdown that ends with the server's.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info_span, Instrument};
+
+use crate::listener::Acceptor;
 
 use crate::metrics::Metrics;
 use crate::page::Page;
@@ -18,6 +32,57 @@ use crate::page::Page;
 struct AppState {
     page: Arc<Page>,
     metrics: Arc<Metrics>,
+}
+
+/// The HTTP side serves a page and two tiny endpoints; this many open
+/// connections is far beyond any real use and bounds what a flood can cost.
+const MAX_HTTP_CONNECTIONS: usize = 1024;
+
+/// How long a request's headers may take to arrive, and how long an idle
+/// keep-alive connection waits for its next request.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the router on `listener` until `shutdown`; each connection then
+/// finishes its current request. `force` drops whatever is left.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let mut acceptor = Acceptor::new(listener, shutdown.clone());
+    while let Some((stream, peer)) = acceptor.next().await {
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            debug!(%peer, "too many HTTP connections, dropped");
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let (shutdown, force) = (shutdown.clone(), force.clone());
+        let connection = async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = force.cancelled() => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        };
+        tracker.spawn(connection.instrument(info_span!("http", peer = %peer)));
+    }
 }
 
 pub fn router(page: Arc<Page>, metrics: Arc<Metrics>) -> Router {

@@ -21,6 +21,7 @@ pub mod gateway;
 pub mod healthcheck;
 pub mod http;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod page;

@@ -35,7 +35,7 @@ impl OriginCheck {
         let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
         match &self.policy {
             OriginPolicy::Any => true,
-            OriginPolicy::List(list) => list.iter().any(|o| *o == origin),
+            OriginPolicy::List(list) => list.contains(&origin),
             OriginPolicy::SameHost => self.is_own_origin(&origin, host_header),
         }
     }

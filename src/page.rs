@@ -130,7 +130,7 @@ fn inline_hashes(html: &str, tag: &str) -> Vec<String> {
             break;
         };
         if !attrs.contains("src=") {
-            let digest = Sha256::digest(body_and_rest[..end].as_bytes());
+            let digest = Sha256::digest(&body_and_rest.as_bytes()[..end]);
             let b64 = base64::engine::general_purpose::STANDARD.encode(digest);
             out.push(format!("'sha256-{b64}'"));
         }

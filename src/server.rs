@@ -31,13 +31,14 @@ pub enum Error {
     },
     #[error(transparent)]
     Page(#[from] PageError),
-    #[error("HTTP listener failed: {0}")]
-    Http(io::Error),
+    #[error("cannot read the address of a bound listener: {0}")]
+    LocalAddr(io::Error),
 }
 
 /// A server whose listeners are bound but not yet serving.
 pub struct Server {
     config: Config,
+    page: Page,
     http: TcpListener,
     ws: TcpListener,
     http_addr: SocketAddr,
@@ -56,10 +57,17 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, Error> {
         let http = bind_one(config.http_addr(), "HTTP").await?;
         let ws = bind_one(config.ws_addr(), "WebSocket").await?;
-        let http_addr = http.local_addr().map_err(Error::Http)?;
-        let ws_addr = ws.local_addr().map_err(Error::Http)?;
+        let http_addr = http.local_addr().map_err(Error::LocalAddr)?;
+        let ws_addr = ws.local_addr().map_err(Error::LocalAddr)?;
+        let page = Page::load(
+            config.static_dir.as_deref(),
+            ws_addr.port(),
+            config.public_ws_url.clone(),
+            config.max_message_bytes,
+        )?;
         Ok(Server {
             config,
+            page,
             http,
             ws,
             http_addr,
@@ -81,6 +89,7 @@ impl Server {
     pub async fn run(self, shutdown: impl Future) -> Result<(), Error> {
         let Server {
             config,
+            page,
             http,
             ws,
             http_addr,
@@ -92,12 +101,7 @@ impl Server {
         let force = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        let page = Arc::new(Page::load(
-            config.static_dir.as_deref(),
-            ws_addr.port(),
-            config.public_ws_url.clone(),
-            config.max_message_bytes,
-        )?);
+        let page = Arc::new(page);
         let (hub, hub_task) = hub::spawn(config.send_queue, metrics.clone(), stop.clone());
 
         let page_url = format!("http://{}/", display_addr(http_addr));
@@ -118,12 +122,13 @@ impl Server {
         let ws_task = tokio::spawn(gateway.serve(ws));
 
         let app = http::router(page, metrics.clone());
-        let http_stop = stop.clone();
-        let mut http_task = tokio::spawn(async move {
-            axum::serve(http, app)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await
-        });
+        let http_task = tokio::spawn(http::serve(
+            http,
+            app,
+            stop.clone(),
+            force.clone(),
+            tracker.clone(),
+        ));
 
         info!(
             page = %page_url,
@@ -131,16 +136,11 @@ impl Server {
             "hubbub listening: open {page_url} in a browser",
         );
 
-        let mut http_result = None;
-        tokio::select! {
-            _ = shutdown => info!("shutting down"),
-            r = &mut http_task => {
-                warn!("HTTP listener stopped unexpectedly: {r:?}");
-                http_result = Some(r);
-            }
-        }
+        shutdown.await;
+        info!("shutting down");
         stop.cancel();
         let _ = ws_task.await;
+        let _ = http_task.await;
         let _ = hub_task.await;
 
         tracker.close();
@@ -156,16 +156,8 @@ impl Server {
             force.cancel();
             tracker.wait().await;
         }
-        // The HTTP side stops on the same token; it has no long-lived work.
-        let http_result = match http_result {
-            Some(r) => r,
-            None => http_task.await,
-        };
         info!(peers_closed = open, "stopped");
-        match http_result {
-            Ok(Err(e)) => Err(Error::Http(e)),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 }
 

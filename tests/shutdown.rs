@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 async fn shutdown_delivers_accepted_messages_then_closes_every_peer_with_1001() {
     let mut server = TestServer::default().await;
     let mut talker = server.connect().await;
-    let mut listeners = vec![server.connect().await, server.connect().await];
+    let mut listeners = [server.connect().await, server.connect().await];
     server.wait_metric("hubbub_connections", 3).await;
 
     // The talker reads its own echoes, so when it has all 100 the hub has
