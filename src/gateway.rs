@@ -98,9 +98,11 @@ impl Gateway {
         peer: SocketAddr,
         _permit: OwnedSemaphorePermit,
     ) {
+        // Boxed so that hyper's connection state lives on the heap only while
+        // the handshake runs, instead of enlarging every idle peer's task.
         let ws = tokio::select! {
             _ = self.force.cancelled() => return,
-            ws = self.handshake(stream, peer) => ws,
+            ws = Box::pin(self.handshake(stream, peer)) => ws,
         };
         let Some(ws) = ws else { return };
         self.metrics.connection_result(ConnResult::Accepted);

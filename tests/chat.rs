@@ -293,3 +293,31 @@ async fn page_is_served_and_names_the_websocket_url() {
     );
     assert!(body.contains(&expected), "page lacks {expected}");
 }
+
+#[tokio::test]
+async fn static_dir_replaces_the_built_in_page() {
+    let dir = std::env::temp_dir().join(format!("hubbub-static-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(
+        dir.join("client.html"),
+        "<!doctype html><title>restyled</title>\
+         <meta name=\"hubbub-ws-url\" content=\"__HUBBUB_WS_URL__\">\
+         <script>start()</script>",
+    )
+    .expect("write page");
+    let server = TestServer::start(Config {
+        static_dir: Some(dir.clone()),
+        ..Config::ephemeral()
+    })
+    .await;
+    let (status, headers, body) = http_get(server.http, "/").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<title>restyled</title>"), "{body}");
+    assert!(body.contains(&format!("ws://127.0.0.1:{}/", server.ws.port())));
+    // The CSP admits the custom page's own inline script.
+    let csp = headers["content-security-policy"]
+        .to_str()
+        .unwrap_or_default();
+    assert!(csp.contains("'sha256-"), "{csp}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
