@@ -51,8 +51,10 @@ async fn three_clients_receive_every_message_in_the_same_order() {
     for r in readers {
         logs.push(r.await.expect("reader"));
     }
+    // Keep the write halves open until everyone has read everything.
+    let mut write_halves = Vec::new();
     for w in writers {
-        w.await.expect("writer");
+        write_halves.push(w.await.expect("writer"));
     }
     assert_eq!(logs[0], logs[1], "clients 0 and 1 saw different orders");
     assert_eq!(logs[0], logs[2], "clients 0 and 2 saw different orders");

@@ -1,0 +1,767 @@
+//! The `hubbub` binary as an operator runs it: `--help` and `--version`,
+//! exit codes and messages for bad configuration and a port already in use,
+//! the start-up line with the real URLs, `/healthz` and `hubbub healthcheck`,
+//! JSON logs, and graceful shutdown on SIGTERM and SIGINT (every peer gets
+//! close 1001, the process exits 0).
+//!
+//! Every child process is owned by a guard that kills it on drop, and every
+//! wait has a deadline, so a broken binary fails the test instead of hanging.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hubbub");
+
+/// Upper bound for anything a test waits on: generous for a loaded machine,
+/// short enough that a broken binary fails fast.
+const WAIT: Duration = Duration::from_secs(8);
+
+/// Every configuration key's flag, plus `--config`.
+const FLAGS: &[&str] = &[
+    "--config",
+    "--host",
+    "--http-port",
+    "--ws-port",
+    "--public-ws-url",
+    "--allowed-origins",
+    "--static-dir",
+    "--max-connections",
+    "--max-message-bytes",
+    "--send-queue",
+    "--allow-binary",
+    "--handshake-timeout",
+    "--ping-interval",
+    "--idle-timeout",
+    "--shutdown-grace",
+    "--log-format",
+];
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// The binary with a clean slate: no `HUBBUB_*` from the developer's shell,
+/// info-level logs, no stdin.
+fn hubbub() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("HUBBUB_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Reads a pipe to its end on a thread, keeping everything read.
+fn collect(pipe: impl Read + Send + 'static) -> (Arc<Mutex<String>>, JoinHandle<()>) {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    let handle = std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut line = String::new();
+        while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+            if let Ok(mut t) = sink.lock() {
+                t.push_str(&line);
+            }
+            line.clear();
+        }
+    });
+    (text, handle)
+}
+
+/// A child process that is killed and reaped however the test ends.
+struct Proc {
+    child: Child,
+    stdout_lines: mpsc::Receiver<String>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd.spawn().expect("spawn hubbub");
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let (tx, stdout_lines) = mpsc::channel();
+        let sink = stdout.clone();
+        let out_reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut t) = sink.lock() {
+                    t.push_str(&line);
+                    t.push('\n');
+                }
+                let _ = tx.send(line);
+            }
+        });
+        let (stderr, err_reader) = collect(err);
+        Proc {
+            child,
+            stdout_lines,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t")
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit, then for its pipes to be drained, so
+    /// `stdout()` and `stderr()` are complete. Panics after `limit`.
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    for r in self.readers.drain(..) {
+                        let _ = r.join();
+                    }
+                    return status;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(None) => panic!(
+                    "hubbub did not exit within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                ),
+                Err(e) => panic!("waiting for hubbub: {e}"),
+            }
+        }
+    }
+
+    /// The first stdout line containing `needle`, or a panic after `WAIT`.
+    fn line_containing(&self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout_lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no stdout line containing {needle:?} within {WAIT:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) with a pid this guard owns and has not reaped yet
+        // (it is reaped only in `wait` or on drop).
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
+    }
+}
+
+/// Runs a command that should finish on its own; returns its exit status,
+/// stdout and stderr.
+fn run(cmd: Command) -> (ExitStatus, String, String) {
+    let mut p = Proc::spawn(cmd);
+    let status = p.wait(WAIT);
+    (status, p.stdout(), p.stderr())
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => format!("{status:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_code(status: ExitStatus, want: i32, stdout: &str, stderr: &str) {
+    assert_eq!(
+        status.code(),
+        Some(want),
+        "want exit code {want}, got {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        describe(status)
+    );
+}
+
+#[track_caller]
+fn assert_no_panic(stderr: &str) {
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "hubbub panicked:\n{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Temp files and ports
+// ---------------------------------------------------------------------------
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(contents: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!(
+            "hubbub-cli-test-{}-{}.toml",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).expect("write temp config file");
+        TempFile(path)
+    }
+
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A loopback port that nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    l.local_addr().expect("probe address").port()
+}
+
+// ---------------------------------------------------------------------------
+// A running server
+// ---------------------------------------------------------------------------
+
+struct Running {
+    proc: Proc,
+    http: SocketAddr,
+    ws_url: String,
+}
+
+/// The value of `key=` in a text log line, up to the next space.
+fn text_field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    let rest = &line[start..];
+    Some(
+        rest.split_whitespace()
+            .next()?
+            .trim_matches('"')
+            .to_string(),
+    )
+}
+
+/// `http://IP:PORT/` -> the socket address.
+fn addr_of(url: &str, scheme: &str) -> SocketAddr {
+    let hostport = url
+        .strip_prefix(scheme)
+        .and_then(|r| r.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("{url:?} is not {scheme}IP:PORT/"));
+    hostport
+        .parse()
+        .unwrap_or_else(|e| panic!("{url:?}: {hostport:?} is not IP:PORT: {e}"))
+}
+
+/// Starts the binary on ports chosen by the OS and reads the real URLs from
+/// its start-up line.
+fn start(extra: &[&str]) -> Running {
+    let mut cmd = hubbub();
+    cmd.args(["--http-port", "0", "--ws-port", "0"]).args(extra);
+    let proc = Proc::spawn(cmd);
+    let line = proc.line_containing("websocket=");
+    let page = text_field(&line, "page").unwrap_or_else(|| panic!("no page= in {line:?}"));
+    let ws_url =
+        text_field(&line, "websocket").unwrap_or_else(|| panic!("no websocket= in {line:?}"));
+    let http = addr_of(&page, "http://");
+    let ws = addr_of(&ws_url, "ws://");
+    assert_eq!(http.ip().to_string(), "127.0.0.1", "{line}");
+    assert_eq!(ws.ip().to_string(), "127.0.0.1", "{line}");
+    assert_ne!(
+        http.port(),
+        0,
+        "the log must give the real HTTP port: {line}"
+    );
+    assert_ne!(
+        ws.port(),
+        0,
+        "the log must give the real WebSocket port: {line}"
+    );
+    assert_ne!(http.port(), ws.port(), "{line}");
+    Running { proc, http, ws_url }
+}
+
+/// A plain HTTP/1.1 GET with `Connection: close`; returns the whole response.
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, WAIT).expect("connect to the HTTP listener");
+    s.set_read_timeout(Some(WAIT)).expect("set read timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read response");
+    response
+}
+
+// ---------------------------------------------------------------------------
+// --help, --version
+// ---------------------------------------------------------------------------
+
+#[test]
+fn help_lists_every_flag() {
+    let mut cmd = hubbub();
+    cmd.arg("--help");
+    let (status, stdout, stderr) = run(cmd);
+    assert_code(status, 0, &stdout, &stderr);
+    for flag in FLAGS {
+        assert!(
+            stdout.contains(&format!("{flag} ")),
+            "--help should list {flag}:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("healthcheck"), "{stdout}");
+    assert!(
+        stdout.contains("--help") && stdout.contains("--version"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("HUBBUB_"),
+        "--help should mention the environment: {stdout}"
+    );
+}
+
+#[test]
+fn short_help_lists_every_flag_too() {
+    let mut cmd = hubbub();
+    cmd.arg("-h");
+    let (status, stdout, stderr) = run(cmd);
+    assert_code(status, 0, &stdout, &stderr);
+    for flag in FLAGS {
+        assert!(stdout.contains(flag), "-h should list {flag}:\n{stdout}");
+    }
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    let mut cmd = hubbub();
+    cmd.arg("--version");
+    let (status, stdout, stderr) = run(cmd);
+    assert_code(status, 0, &stdout, &stderr);
+    assert_eq!(
+        stdout.trim(),
+        format!("hubbub {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Start-up errors
+// ---------------------------------------------------------------------------
+
+/// A configuration error: exit 2, one line on stderr that says so, nothing
+/// started.
+#[track_caller]
+fn config_error(cmd: Command, words: &[&str]) -> String {
+    let (status, stdout, stderr) = run(cmd);
+    assert_code(status, 2, &stdout, &stderr);
+    assert_no_panic(&stderr);
+    assert!(
+        stderr.starts_with("hubbub: configuration error: "),
+        "stderr: {stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    for w in words {
+        assert!(stderr.contains(w), "stderr should mention {w:?}: {stderr}");
+    }
+    assert!(
+        !stdout.contains("listening"),
+        "nothing should start: {stdout}"
+    );
+    stderr
+}
+
+#[test]
+fn a_bad_value_in_the_config_file_exits_2_naming_file_line_and_key() {
+    let file = TempFile::new("# limits\nmax_connections = 100\nsend_queue = 0\n");
+    let mut cmd = hubbub();
+    cmd.args(["--config", &file.arg()]);
+    config_error(cmd, &[&format!("{}:3:", file.arg()), "key `send_queue`"]);
+}
+
+#[test]
+fn a_wrong_type_in_the_config_file_exits_2_naming_file_line_and_key() {
+    let file = TempFile::new("http_port = 9000\n\nws_port = \"9001\"\n");
+    let mut cmd = hubbub();
+    cmd.args(["--config", &file.arg()]);
+    config_error(cmd, &[&file.arg(), "line 3", "ws_port"]);
+}
+
+#[test]
+fn an_unknown_key_in_the_config_file_exits_2() {
+    let file = TempFile::new("http_port = 9000\nport = 9001\n");
+    let mut cmd = hubbub();
+    cmd.args(["--config", &file.arg()]);
+    config_error(cmd, &[&file.arg(), "line 2", "`port`"]);
+}
+
+#[test]
+fn the_config_file_can_come_from_hubbub_config() {
+    let file = TempFile::new("\nidle_timeout = \"1s\"\n");
+    let mut cmd = hubbub();
+    cmd.env("HUBBUB_CONFIG", file.arg());
+    config_error(cmd, &[&format!("{}:2:", file.arg()), "key `idle_timeout`"]);
+}
+
+#[test]
+fn a_missing_config_file_exits_2() {
+    let mut cmd = hubbub();
+    cmd.args(["--config", "/nonexistent/hubbub-cli-test.toml"]);
+    config_error(cmd, &["/nonexistent/hubbub-cli-test.toml"]);
+}
+
+#[test]
+fn a_bad_environment_variable_exits_2_naming_it() {
+    let mut cmd = hubbub();
+    cmd.env("HUBBUB_HTTP_PORT", "eighty");
+    config_error(
+        cmd,
+        &["environment variable HUBBUB_HTTP_PORT", "key `http_port`"],
+    );
+}
+
+#[test]
+fn a_bad_flag_value_exits_2_naming_the_flag() {
+    let mut cmd = hubbub();
+    cmd.args(["--idle-timeout", "0s"]);
+    config_error(cmd, &["flag --idle-timeout", "key `idle_timeout`"]);
+}
+
+#[test]
+fn the_same_port_twice_exits_2() {
+    let mut cmd = hubbub();
+    cmd.args(["--http-port", "9700", "--ws-port", "9700"]);
+    config_error(cmd, &["flag --ws-port", "127.0.0.1:9700"]);
+}
+
+#[test]
+fn an_unknown_flag_exits_2() {
+    let mut cmd = hubbub();
+    cmd.args(["--no-such-flag", "1"]);
+    let (status, stdout, stderr) = run(cmd);
+    assert_code(status, 2, &stdout, &stderr);
+    assert_no_panic(&stderr);
+    assert!(stderr.contains("--no-such-flag"), "{stderr}");
+}
+
+#[test]
+fn a_flag_without_its_value_exits_2() {
+    let mut cmd = hubbub();
+    cmd.arg("--http-port");
+    let (status, stdout, stderr) = run(cmd);
+    assert_code(status, 2, &stdout, &stderr);
+    assert!(stderr.contains("--http-port"), "{stderr}");
+}
+
+/// Another process holds the port: one clear line naming the address, a
+/// non-zero exit, no panic.
+#[track_caller]
+fn port_in_use(args: &[&str], addr: &str, what: &str) {
+    let mut cmd = hubbub();
+    cmd.args(args);
+    let (status, stdout, stderr) = run(cmd);
+    assert_no_panic(&stderr);
+    assert!(
+        status.code().is_some_and(|c| c != 0),
+        "want a non-zero exit code, got {}\nstderr:\n{stderr}",
+        describe(status)
+    );
+    let message = stderr.trim_end();
+    assert_eq!(message.lines().count(), 1, "one line: {stderr}");
+    assert!(message.starts_with("hubbub: "), "{stderr}");
+    assert!(message.contains(addr), "should name {addr}: {stderr}");
+    assert!(
+        message.contains(what),
+        "should say which listener: {stderr}"
+    );
+    assert!(!stdout.contains("listening"), "{stdout}");
+}
+
+#[test]
+fn http_port_in_use_is_a_one_line_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    port_in_use(
+        &["--http-port", &port, "--ws-port", "0"],
+        &format!("127.0.0.1:{port}"),
+        "HTTP",
+    );
+}
+
+#[test]
+fn ws_port_in_use_is_a_one_line_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    port_in_use(
+        &["--http-port", "0", "--ws-port", &port],
+        &format!("127.0.0.1:{port}"),
+        "WebSocket",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Running: URLs, /healthz, healthcheck, logs, signals
+// ---------------------------------------------------------------------------
+
+#[test]
+fn serves_healthz_and_healthcheck_agrees() {
+    let mut server = start(&[]);
+
+    let response = http_get(server.http, "/healthz");
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "GET /healthz: {response}"
+    );
+
+    let port = server.http.port().to_string();
+    let mut cmd = hubbub();
+    cmd.args(["healthcheck", "--http-port", &port]);
+    let (status, stdout, stderr) = run(cmd);
+    assert_code(status, 0, &stdout, &stderr);
+
+    // The health check resolves its settings like the server does.
+    let mut cmd = hubbub();
+    cmd.arg("healthcheck").env("HUBBUB_HTTP_PORT", &port);
+    let (status, stdout, stderr) = run(cmd);
+    assert_code(status, 0, &stdout, &stderr);
+
+    let closed = closed_port().to_string();
+    let mut cmd = hubbub();
+    cmd.args(["healthcheck", "--http-port", &closed]);
+    let (status, stdout, stderr) = run(cmd);
+    assert_code(status, 1, &stdout, &stderr);
+    assert_no_panic(&stderr);
+    assert!(stderr.contains(&closed), "should name the port: {stderr}");
+
+    server.proc.signal(libc::SIGTERM);
+    let status = server.proc.wait(WAIT);
+    let (stdout, stderr) = (server.proc.stdout(), server.proc.stderr());
+    assert_code(status, 0, &stdout, &stderr);
+    assert_no_panic(&stderr);
+}
+
+#[test]
+fn json_logs_are_json_lines() {
+    let mut cmd = hubbub();
+    cmd.args(["--http-port", "0", "--ws-port", "0", "--log-format", "json"]);
+    let mut proc = Proc::spawn(cmd);
+    let line = proc.line_containing("websocket");
+    let event: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("start-up line is not JSON ({e}): {line}"));
+    let page = event["page"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no page field: {line}"));
+    let ws = event["websocket"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no websocket field: {line}"));
+    let http = addr_of(page, "http://");
+    let ws = addr_of(ws, "ws://");
+    assert_ne!(http.port(), 0, "{line}");
+    assert_ne!(ws.port(), 0, "{line}");
+    assert_eq!(event["level"].as_str(), Some("INFO"), "{line}");
+
+    proc.signal(libc::SIGTERM);
+    let status = proc.wait(WAIT);
+    let (stdout, stderr) = (proc.stdout(), proc.stderr());
+    assert_code(status, 0, &stdout, &stderr);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.len() >= 2, "start-up and shutdown lines: {stdout}");
+    for line in lines {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(
+            parsed.as_ref().is_ok_and(|v| v.is_object()),
+            "not a JSON object: {line}"
+        );
+    }
+}
+
+#[test]
+fn text_logs_are_plain_lines() {
+    let mut server = start(&[]);
+    let line = server.proc.stdout();
+    assert!(line.contains("INFO"), "{line}");
+    assert!(
+        !line.contains('\u{1b}'),
+        "no colour codes in a pipe: {line:?}"
+    );
+    server.proc.signal(libc::SIGTERM);
+    let status = server.proc.wait(WAIT);
+    assert_code(status, 0, &server.proc.stdout(), &server.proc.stderr());
+}
+
+/// A signal sent the moment the start-up line appears still gets a graceful
+/// shutdown: the handlers must be installed before the server says it is
+/// ready, or the default action kills the process (status 143 / signal 15).
+#[test]
+fn a_signal_right_after_start_up_is_handled() {
+    for (round, sig) in [libc::SIGTERM, libc::SIGINT]
+        .repeat(5)
+        .into_iter()
+        .enumerate()
+    {
+        let mut server = start(&[]);
+        server.proc.signal(sig);
+        let status = server.proc.wait(WAIT);
+        let (stdout, stderr) = (server.proc.stdout(), server.proc.stderr());
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}, signal {sig}: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            describe(status)
+        );
+    }
+}
+
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(url: &str) -> Client {
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap_or_else(|_| panic!("connect to {url} timed out"))
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    ws
+}
+
+async fn next_message(ws: &mut Client) -> Option<Message> {
+    match tokio::time::timeout(WAIT, ws.next()).await {
+        Ok(Some(Ok(m))) => Some(m),
+        Ok(Some(Err(e))) => panic!("WebSocket error: {e}"),
+        Ok(None) => None,
+        Err(_) => panic!("no WebSocket message within {WAIT:?}"),
+    }
+}
+
+/// Reads until the server's close frame, checks it is 1001 "server shutting
+/// down", then reads to the end so the closing handshake completes.
+async fn expect_going_away(ws: &mut Client, who: &str) {
+    loop {
+        match next_message(ws).await {
+            Some(Message::Close(Some(frame))) => {
+                assert_eq!(frame.code, CloseCode::Away, "{who}: {frame:?}");
+                assert_eq!(frame.code, CloseCode::from(1001), "{who}: {frame:?}");
+                assert_eq!(frame.reason.as_str(), "server shutting down", "{who}");
+                break;
+            }
+            Some(Message::Close(None)) => panic!("{who}: close frame without a code"),
+            Some(_) => {}
+            None => panic!("{who}: connection ended without a close frame"),
+        }
+    }
+    while next_message(ws).await.is_some() {}
+}
+
+async fn graceful_shutdown_on(sig: libc::c_int) {
+    let mut server = start(&["--shutdown-grace", "3s"]);
+    let mut alice = connect(&server.ws_url).await;
+    let mut bob = connect(&server.ws_url).await;
+
+    // Both peers are registered with the hub once both see this message.
+    alice
+        .send(Message::text("hello before shutdown"))
+        .await
+        .expect("send");
+    for (ws, who) in [(&mut alice, "alice"), (&mut bob, "bob")] {
+        match next_message(ws).await {
+            Some(Message::Text(t)) => assert_eq!(t.as_str(), "hello before shutdown", "{who}"),
+            other => panic!("{who}: expected the broadcast, got {other:?}"),
+        }
+    }
+
+    let signalled = Instant::now();
+    server.proc.signal(sig);
+    tokio::join!(
+        expect_going_away(&mut alice, "alice"),
+        expect_going_away(&mut bob, "bob")
+    );
+
+    let status = tokio::task::block_in_place(|| server.proc.wait(WAIT));
+    let (stdout, stderr) = (server.proc.stdout(), server.proc.stderr());
+    assert_code(status, 0, &stdout, &stderr);
+    assert_no_panic(&stderr);
+    // Both peers answered the close, so no one waited out the grace period.
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}; the peers had answered the close",
+        signalled.elapsed()
+    );
+    assert!(stdout.contains("shutting down"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_peer_with_1001_and_exits_0() {
+    graceful_shutdown_on(libc::SIGTERM).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_closes_every_peer_with_1001_and_exits_0() {
+    graceful_shutdown_on(libc::SIGINT).await;
+}
+
+/// A peer that never answers the close is waited for at most
+/// `shutdown_grace`, then dropped; the process still exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_ignores_the_close_delays_exit_by_at_most_the_grace() {
+    let mut server = start(&["--shutdown-grace", "1s"]);
+    let mut polite = connect(&server.ws_url).await;
+    // The rude peer completes the handshake, then never reads again.
+    let rude = connect(&server.ws_url).await;
+    polite.send(Message::text("ping")).await.expect("send");
+    assert!(matches!(
+        next_message(&mut polite).await,
+        Some(Message::Text(_))
+    ));
+
+    let signalled = Instant::now();
+    server.proc.signal(libc::SIGTERM);
+    expect_going_away(&mut polite, "polite").await;
+    let status = tokio::task::block_in_place(|| server.proc.wait(WAIT));
+    let elapsed = signalled.elapsed();
+    assert_code(status, 0, &server.proc.stdout(), &server.proc.stderr());
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "grace is 1s, exit took {elapsed:?}"
+    );
+    drop(rude);
+}
