@@ -303,12 +303,15 @@ impl Gateway {
     }
 }
 
-/// Buffers sized for chat: tungstenite's defaults (128 KiB read buffer,
-/// zero-filled) cost far more memory and CPU per peer than small messages
-/// need. Incoming limits come straight from `max_message_bytes`.
+/// Buffers sized for chat. tungstenite's default read buffer is 128 KiB per
+/// peer, allocated up front and zero-filled before every read. With a read
+/// buffer size of 0 it instead reserves exactly what the frame being read
+/// needs (the header, then the payload), so an idle peer holds no read
+/// buffer at all and a large message is still read in one go. Incoming
+/// limits come straight from `max_message_bytes`.
 pub fn ws_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(0)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(64 * 1024 + config.max_message_bytes * 2)
         .max_message_size(Some(config.max_message_bytes))

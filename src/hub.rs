@@ -32,10 +32,15 @@ pub enum Kick {
     SlowConsumer,
 }
 
+/// A message as queued for a peer. The `Arc` keeps queue slots one pointer
+/// wide, which keeps every peer's queue allocation small; the payload inside
+/// is shared `Bytes` either way.
+pub type Outgoing = Arc<Message>;
+
 /// What the hub hands out to a peer when it joins.
 pub struct Membership {
     /// Messages to write to this peer, in hub order.
-    pub outbound: mpsc::Receiver<Message>,
+    pub outbound: mpsc::Receiver<Outgoing>,
     /// Fires if the hub drops this peer; closed without a value when the hub
     /// itself stops.
     pub kicked: oneshot::Receiver<Kick>,
@@ -44,7 +49,7 @@ pub struct Membership {
 enum Command {
     Join {
         id: PeerId,
-        outbound: mpsc::Sender<Message>,
+        outbound: mpsc::Sender<Outgoing>,
         kick: oneshot::Sender<Kick>,
     },
     Leave {
@@ -54,7 +59,7 @@ enum Command {
 }
 
 struct Peer {
-    outbound: mpsc::Sender<Message>,
+    outbound: mpsc::Sender<Outgoing>,
     kick: oneshot::Sender<Kick>,
 }
 
@@ -175,6 +180,7 @@ impl Hub {
     }
 
     fn broadcast(&mut self, message: Message, metrics: &Metrics) {
+        let message = Arc::new(message);
         let mut kicked: Vec<PeerId> = Vec::new();
         for (id, peer) in &self.peers {
             match peer.outbound.try_send(message.clone()) {
