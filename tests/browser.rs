@@ -1,0 +1,1046 @@
+//! The chat page in a real browser: Debian's headless Chromium, driven through
+//! chromedriver with fantoccini, against a hubbub started in this process on
+//! loopback.
+//!
+//! Two browser sessions (two separate profiles, so two people: alice in a
+//! light theme, bob in a dark one) plus a plain WebSocket client chat with
+//! each other. The test checks what a person would see: same messages in the
+//! same order in both tabs, HTML shown as text with no script running, the
+//! page working under its own Content-Security-Policy, oversize messages
+//! refused in the page, messages typed while the server is down kept and sent
+//! on reconnect, and both tabs coming back by themselves after a restart on
+//! the same ports. It saves `target/browser/two-tabs.png` on the way
+//! (and `docs/screenshot.png` too when `HUBBUB_UPDATE_SCREENSHOT=1`).
+//!
+//! Needs `chromium` and `chromium-driver` (Debian packages), hence ignored by
+//! default: `cargo test --test browser -- --include-ignored`.
+//! `HUBBUB_CHROMIUM` and `HUBBUB_CHROMEDRIVER` override the binaries' paths.
+#![cfg(unix)]
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use fantoccini::{Client, ClientBuilder, Locator};
+use futures_util::{SinkExt as _, StreamExt as _};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::header;
+use hyper::Request;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The whole scenario must finish within this, whatever happens.
+const WHOLE_TEST: Duration = Duration::from_secs(300);
+/// Bound for one thing to show up in a tab.
+const SHOW_UP: Duration = Duration::from_secs(15);
+/// Bound for both tabs to be back after a restart (backoff included).
+const RECONNECT: Duration = Duration::from_secs(45);
+const MAX_MESSAGE_BYTES: usize = 2000;
+/// The viewport of each tab: about a large phone, so the screenshot shows the
+/// narrow layout and both tabs fit side by side.
+const TAB_SIZE: (u32, u32) = (440, 720);
+const ENTER: &str = "\u{E007}";
+const SELECT_ALL: &str = "\u{E009}a\u{E000}";
+
+// ---------------------------------------------------------------------------
+// Processes and servers
+
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf()
+}
+
+fn binary(env: &str, default: &str) -> String {
+    std::env::var(env).unwrap_or_else(|_| default.to_string())
+}
+
+/// chromedriver in its own process group, with the browsers it starts: the
+/// whole group is killed when this is dropped, on every path out of the test
+/// (panics included).
+struct Driver {
+    child: Child,
+    url: String,
+    profiles: Vec<PathBuf>,
+}
+
+impl Driver {
+    async fn start(out: &Path) -> Driver {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let exe = binary("HUBBUB_CHROMEDRIVER", "/usr/bin/chromedriver");
+        let child = Command::new(&exe)
+            .arg(format!("--port={port}"))
+            .arg(format!(
+                "--log-path={}",
+                out.join("chromedriver.log").display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {exe}: {e}; install it with \
+                     `apt-get install -y chromium chromium-driver`"
+                )
+            });
+        let driver = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            profiles: Vec::new(),
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        poll(
+            "chromedriver to listen",
+            Duration::from_secs(20),
+            || async { TcpStream::connect(addr).await.is_ok() },
+        )
+        .await;
+        driver
+    }
+
+    /// A new browser with its own empty profile.
+    async fn browser(&mut self, name: &str, dark: bool) -> Client {
+        let profile = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("chromium-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&profile);
+        std::fs::create_dir_all(&profile).expect("profile dir");
+        self.profiles.push(profile.clone());
+        let mut args = vec![
+            "--headless".to_string(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-quic".into(),
+            "--no-first-run".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--hide-scrollbars".into(),
+            "--force-device-scale-factor=1".into(),
+            "--lang=en-US".into(),
+            format!("--window-size={},{}", TAB_SIZE.0, TAB_SIZE.1),
+            format!("--user-data-dir={}", profile.display()),
+        ];
+        if dark {
+            // Makes prefers-color-scheme: dark match, as a dark OS theme would.
+            args.push("--force-dark-mode".into());
+        }
+        let caps = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": binary("HUBBUB_CHROMIUM", "/usr/bin/chromium"),
+                "args": args,
+            },
+        });
+        let Value::Object(caps) = caps else {
+            unreachable!()
+        };
+        let c = tokio::time::timeout(
+            Duration::from_secs(60),
+            ClientBuilder::new(HttpConnector::new())
+                .capabilities(caps)
+                .connect(&self.url),
+        )
+        .await
+        .expect("browser started in time")
+        .expect("new WebDriver session");
+        set_viewport(&c, TAB_SIZE.0, TAB_SIZE.1).await;
+        c
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        // The group holds chromedriver and every Chromium it started.
+        if let Ok(pgid) = libc::pid_t::try_from(pid) {
+            // SAFETY: plain syscall; the group is the one spawned above.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for p in &self.profiles {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// hubbub running in this process until stopped.
+struct Running {
+    http: SocketAddr,
+    ws: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), hubbub::Error>>,
+}
+
+impl Running {
+    /// Binds with `config`, retrying for a while if the ports are still held
+    /// by a server that just stopped.
+    async fn start(config: hubbub::Config) -> Running {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let server = loop {
+            match hubbub::Server::bind(config.clone()).await {
+                Ok(server) => break server,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("bind: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot bind: {e}"),
+            }
+        };
+        let (http, ws) = (server.http_addr(), server.ws_addr());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            rx.await.ok();
+        }));
+        Running {
+            http,
+            ws,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).ok();
+        tokio::time::timeout(Duration::from_secs(15), &mut self.task)
+            .await
+            .expect("server stopped in time")
+            .expect("server task")
+            .expect("server run");
+    }
+}
+
+/// Sizes the window so that the page itself gets `width` x `height` pixels.
+async fn set_viewport(c: &Client, width: u32, height: u32) {
+    let (mut w, mut h) = (width, height);
+    for _ in 0..3 {
+        c.set_window_size(w, h).await.expect("window size");
+        let inner = c
+            .execute("return [innerWidth, innerHeight]", vec![])
+            .await
+            .expect("viewport");
+        let (iw, ih) = (inner[0].as_u64().unwrap(), inner[1].as_u64().unwrap());
+        if (iw, ih) == (width as u64, height as u64) {
+            return;
+        }
+        w = (w as i64 + width as i64 - iw as i64).max(100) as u32;
+        h = (h as i64 + height as i64 - ih as i64).max(100) as u32;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Waiting, bounded
+
+async fn poll<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One tab (browser session) and its name for messages.
+struct Tab {
+    name: &'static str,
+    c: Client,
+}
+
+/// What a tab shows for one chat message.
+#[derive(Debug, Clone, PartialEq)]
+struct Shown {
+    nick: String,
+    body: String,
+    own: bool,
+}
+
+impl Tab {
+    async fn js(&self, script: &str, args: Vec<Value>) -> Value {
+        self.c
+            .execute(script, args)
+            .await
+            .unwrap_or_else(|e| panic!("[{}] script failed: {e}\n{script}", self.name))
+    }
+
+    /// Waits until `predicate` (a JS expression body returning a value) is
+    /// truthy. On timeout, saves a screenshot and says what the tab showed.
+    async fn wait(&self, what: &str, limit: Duration, predicate: &str) {
+        let deadline = Instant::now() + limit;
+        let script = format!("return Boolean((() => {{ {predicate} }})());");
+        loop {
+            if self.js(&script, vec![]).await == Value::Bool(true) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let shot = target_dir()
+                    .join("browser")
+                    .join(format!("failed-{}.png", self.name));
+                if let Ok(png) = self.c.screenshot().await {
+                    let _ = std::fs::write(&shot, png);
+                }
+                let state = self
+                    .js(
+                        "return [document.getElementById('status').textContent, \
+                         document.getElementById('log').innerText.slice(-2000), \
+                         document.getElementById('note').textContent]",
+                        vec![],
+                    )
+                    .await;
+                panic!(
+                    "[{}] timed out after {limit:?} waiting for {what}; tab shows {state}; \
+                     screenshot {}",
+                    self.name,
+                    shot.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn state(&self) -> String {
+        self.js(
+            "return document.getElementById('status').dataset.state",
+            vec![],
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    async fn wait_state(&self, state: &str, limit: Duration) {
+        self.wait(
+            &format!("state {state}"),
+            limit,
+            &format!("return document.getElementById('status').dataset.state === {state:?}"),
+        )
+        .await;
+    }
+
+    async fn messages(&self) -> Vec<Shown> {
+        let v = self
+            .js(
+                "return Array.from(document.querySelectorAll('#log li[data-kind=chat]'), li => \
+                 [li.querySelector('.nick').textContent, li.querySelector('.body').textContent, \
+                  li.dataset.own === 'true'])",
+                vec![],
+            )
+            .await;
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|m| Shown {
+                nick: m[0].as_str().unwrap().to_string(),
+                body: m[1].as_str().unwrap().to_string(),
+                own: m[2].as_bool().unwrap(),
+            })
+            .collect()
+    }
+
+    async fn wait_count(&self, n: usize) {
+        self.wait(
+            &format!("{n} messages"),
+            SHOW_UP,
+            &format!("return document.querySelectorAll('#log li[data-kind=chat]').length >= {n}"),
+        )
+        .await;
+    }
+
+    /// Types into the message box like a person and presses Enter.
+    async fn say(&self, text: &str) {
+        let input = self.c.find(Locator::Css("#text")).await.expect("#text");
+        input
+            .send_keys(&format!("{text}{ENTER}"))
+            .await
+            .expect("type");
+    }
+
+    /// Puts a long text into the message box (typing it key by key would be
+    /// slow) and presses Enter.
+    async fn paste_and_send(&self, text: &str) {
+        self.js(
+            "const t = document.getElementById('text'); t.value = arguments[0]; \
+             t.dispatchEvent(new Event('input', {bubbles: true})); t.focus();",
+            vec![json!(text)],
+        )
+        .await;
+        let input = self.c.find(Locator::Css("#text")).await.expect("#text");
+        input.send_keys(ENTER).await.expect("Enter");
+    }
+
+    async fn set_nick(&self, nick: &str) {
+        let field = self.c.find(Locator::Css("#nick")).await.expect("#nick");
+        field.click().await.expect("click nick");
+        field
+            .send_keys(&format!("{SELECT_ALL}{nick}{ENTER}"))
+            .await
+            .expect("type nick");
+    }
+
+    async fn screenshot(&self) -> Vec<u8> {
+        self.c.screenshot().await.expect("screenshot")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP and plain WebSocket clients
+
+async fn get_page(addr: SocketAddr) -> (hyper::HeaderMap, String) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = Request::get("/")
+            .header(header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("GET /");
+        assert!(resp.status().is_success());
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (parts.headers, String::from_utf8(body.to_vec()).unwrap())
+    })
+    .await
+    .expect("page served in time")
+}
+
+type Plain = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn plain_client(ws: SocketAddr) -> Plain {
+    let (client, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(format!("ws://{ws}/")),
+    )
+    .await
+    .expect("plain client connects in time")
+    .expect("plain client connects");
+    client
+}
+
+async fn plain_next_text(client: &mut Plain) -> String {
+    loop {
+        let msg = tokio::time::timeout(SHOW_UP, client.next())
+            .await
+            .expect("plain client receives in time")
+            .expect("stream open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            return t.to_string();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The screenshot: both tabs side by side, composed in the browser itself.
+
+async fn side_by_side(c: &Client, shots: [(&[u8], &str); 2]) -> Vec<u8> {
+    let original = c.window().await.expect("window");
+    let win = c.new_window(false).await.expect("new window");
+    c.switch_to_window(win.handle).await.expect("switch");
+    c.set_window_size(1200, 1000).await.expect("size");
+    c.goto("about:blank").await.expect("blank");
+    let b64 = |png: &[u8]| base64::engine::general_purpose::STANDARD.encode(png);
+    c.execute(
+        r#"
+        const [a, capA, b, capB] = arguments;
+        document.body.style.cssText = "margin:0;background:#fff";
+        const box = document.createElement("div");
+        box.id = "shot";
+        box.style.cssText = "display:inline-flex;gap:20px;padding:20px;" +
+          "background:linear-gradient(135deg,#e9e7ff,#dbeafe);font:600 13px system-ui,sans-serif;color:#3b3f4e";
+        for (const [src, cap] of [[a, capA], [b, capB]]) {
+          const fig = document.createElement("figure");
+          fig.style.cssText = "margin:0;display:flex;flex-direction:column;gap:8px;align-items:center";
+          const img = document.createElement("img");
+          img.src = "data:image/png;base64," + src;
+          img.style.cssText = "display:block;border-radius:10px;box-shadow:0 6px 24px rgba(30,30,80,.25)";
+          const fc = document.createElement("figcaption");
+          fc.textContent = cap;
+          fig.append(img, fc);
+          box.append(fig);
+        }
+        document.body.append(box);
+        "#,
+        vec![
+            json!(b64(shots[0].0)),
+            json!(shots[0].1),
+            json!(b64(shots[1].0)),
+            json!(shots[1].1),
+        ],
+    )
+    .await
+    .expect("compose");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c
+        .execute(
+            "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
+            vec![],
+        )
+        .await
+        .expect("images")
+        != Value::Bool(true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "composed screenshot never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let png = c
+        .find(Locator::Css("#shot"))
+        .await
+        .expect("#shot")
+        .screenshot()
+        .await
+        .expect("element screenshot");
+    c.close_window().await.expect("close window");
+    c.switch_to_window(original).await.expect("switch back");
+    png
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium"]
+async fn two_tabs_chat_in_a_real_browser() {
+    let out = target_dir().join("browser");
+    std::fs::create_dir_all(&out).expect("target/browser");
+    let mut driver = Driver::start(&out).await;
+    tokio::time::timeout(WHOLE_TEST, scenario(&mut driver, &out))
+        .await
+        .expect("the browser test finished in time");
+    // `driver` is dropped here, or while unwinding from a failure above,
+    // and takes chromedriver and the browsers with it.
+}
+
+async fn scenario(driver: &mut Driver, out: &Path) {
+    let config = hubbub::Config {
+        max_message_bytes: MAX_MESSAGE_BYTES,
+        ..hubbub::Config::ephemeral()
+    };
+    let server = Running::start(config.clone()).await;
+    let page_url = format!("http://{}/", server.http);
+
+    // The page's security headers, as any HTTP client sees them.
+    let (headers, _) = get_page(server.http).await;
+    let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(csp.contains("style-src 'sha256-"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert!(
+        csp.contains(&format!("connect-src 'self' ws://{}", server.ws)),
+        "{csp}"
+    );
+    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+
+    let alice = Tab {
+        name: "alice",
+        c: driver.browser("alice", false).await,
+    };
+    let bob = Tab {
+        name: "bob",
+        c: driver.browser("bob", true).await,
+    };
+    for tab in [&alice, &bob] {
+        tab.c.goto(&page_url).await.expect("open the page");
+    }
+
+    // Connected means the inline script ran under the CSP, so its hash is
+    // right; the stylesheet applied means the style hash is right too.
+    for tab in [&alice, &bob] {
+        tab.wait_state("connected", SHOW_UP).await;
+        let applied = tab
+            .js(
+                "return [getComputedStyle(document.body).display, \
+                 getComputedStyle(document.getElementById('status')).borderRadius]",
+                vec![],
+            )
+            .await;
+        assert_eq!(applied, json!(["flex", "999px"]), "[{}] styles", tab.name);
+    }
+    // Light and dark themes follow prefers-color-scheme.
+    let theme = |tab: &Tab| {
+        let c = tab.c.clone();
+        async move {
+            c.execute(
+                "return [matchMedia('(prefers-color-scheme: dark)').matches, \
+                 getComputedStyle(document.body).backgroundColor]",
+                vec![],
+            )
+            .await
+            .expect("theme")
+        }
+    };
+    let (light, dark) = (theme(&alice).await, theme(&bob).await);
+    assert_eq!(light[0], false);
+    assert_eq!(dark[0], true);
+    assert_ne!(light[1], dark[1], "dark theme changes the background");
+
+    // Nicknames, remembered across a reload.
+    alice.set_nick("alice").await;
+    bob.set_nick("bob").await;
+    for tab in [&alice, &bob] {
+        let stored = tab
+            .js("return localStorage.getItem('hubbub.nick')", vec![])
+            .await;
+        assert_eq!(stored, json!(tab.name), "nickname stored");
+        let focused = tab.js("return document.activeElement.id", vec![]).await;
+        assert_eq!(
+            focused, "text",
+            "Enter in the name field moves to the message box"
+        );
+    }
+    alice.c.refresh().await.expect("reload");
+    alice.wait_state("connected", SHOW_UP).await;
+    let nick = alice
+        .js("return document.getElementById('nick').value", vec![])
+        .await;
+    assert_eq!(nick, "alice", "nickname remembered after a reload");
+
+    // A conversation: both tabs and a plain client that sends bare text.
+    let mut plain = plain_client(server.ws).await;
+    let long = "A long message wraps inside its bubble instead of widening the page: \
+                https://example.com/a/very/long/path/without/any/spaces/so/the/browser/\
+                has/to/break/it/somewhere/sensible/or/the/layout/would/overflow";
+    let conversation: Vec<(&Tab, &str)> = vec![
+        (&alice, "hi bob! two tabs, one room"),
+        (
+            &bob,
+            "hey alice, I see you. Same messages, same order, in both tabs.",
+        ),
+        (&alice, long),
+    ];
+    let mut expected: Vec<(String, String)> = Vec::new();
+    for (i, (tab, text)) in conversation.iter().enumerate() {
+        tab.say(text).await;
+        expected.push((tab.name.to_string(), text.to_string()));
+        for t in [&alice, &bob] {
+            t.wait_count(i + 1).await;
+        }
+        // The wire format is plain text with the nickname in front.
+        assert_eq!(
+            plain_next_text(&mut plain).await,
+            format!("{}: {text}", tab.name)
+        );
+        if i == 0 {
+            plain
+                .send(Message::text("hello from a plain WebSocket client"))
+                .await
+                .expect("plain send");
+            expected.push((
+                "(no name)".into(),
+                "hello from a plain WebSocket client".into(),
+            ));
+            assert_eq!(
+                plain_next_text(&mut plain).await,
+                "hello from a plain WebSocket client"
+            );
+        }
+    }
+    bob.say("nice. stop the server and watch both tabs come back")
+        .await;
+    expected.push((
+        "bob".into(),
+        "nice. stop the server and watch both tabs come back".into(),
+    ));
+    plain_next_text(&mut plain).await;
+    for t in [&alice, &bob] {
+        t.wait_count(expected.len()).await;
+    }
+    let (seen_a, seen_b) = (alice.messages().await, bob.messages().await);
+    let strip = |v: &[Shown]| {
+        v.iter()
+            .map(|m| (m.nick.clone(), m.body.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&seen_a), expected, "alice's tab");
+    assert_eq!(
+        strip(&seen_b),
+        expected,
+        "bob's tab: same messages, same order"
+    );
+    // Own messages are marked, in each tab its own.
+    for (tab, seen) in [(&alice, &seen_a), (&bob, &seen_b)] {
+        for m in seen.iter() {
+            assert_eq!(
+                m.own,
+                m.nick == tab.name,
+                "[{}] own flag of {m:?}",
+                tab.name
+            );
+        }
+        assert_eq!(
+            tab.js("return document.activeElement.id", vec![]).await,
+            "text",
+            "[{}] the message box keeps focus",
+            tab.name
+        );
+        // Local timestamps on every message.
+        let stamped = tab
+            .js(
+                "return Array.from(document.querySelectorAll('#log li[data-kind=chat] time'))\
+                 .every(t => Math.abs(Date.parse(t.dateTime) - Date.now()) < 120000 \
+                             && /\\d/.test(t.textContent))",
+                vec![],
+            )
+            .await;
+        assert_eq!(stamped, true, "[{}] timestamps", tab.name);
+        // The long message wraps and nothing overflows sideways.
+        let fits = tab
+            .js(
+                "const log = document.getElementById('log'); \
+                 return document.documentElement.scrollWidth <= innerWidth \
+                   && log.scrollWidth <= log.clientWidth \
+                   && Array.from(log.children).every(li => \
+                        li.getBoundingClientRect().right <= log.getBoundingClientRect().right)",
+                vec![],
+            )
+            .await;
+        assert_eq!(fits, true, "[{}] no horizontal overflow", tab.name);
+    }
+
+    // Mid-conversation screenshot of both tabs.
+    let (shot_a, shot_b) = (alice.screenshot().await, bob.screenshot().await);
+    let png = side_by_side(
+        &alice.c,
+        [
+            (&shot_a, "Tab 1: alice (light theme)"),
+            (&shot_b, "Tab 2: bob (dark theme)"),
+        ],
+    )
+    .await;
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    std::fs::write(out.join("two-tabs.png"), &png).expect("write screenshot");
+    std::fs::write(out.join("tab-alice.png"), &shot_a).expect("write screenshot");
+    std::fs::write(out.join("tab-bob.png"), &shot_b).expect("write screenshot");
+    if std::env::var_os("HUBBUB_UPDATE_SCREENSHOT").is_some_and(|v| v == "1") {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+        std::fs::create_dir_all(&docs).expect("docs/");
+        std::fs::write(docs.join("screenshot.png"), &png).expect("docs/screenshot.png");
+    }
+
+    // HTML is shown as text and never runs: alert() would leave a dialog open
+    // and fail every later WebDriver command; the others would set __pwned.
+    let payloads = [
+        (&alice, "<img src=x onerror=alert(1)>"),
+        (
+            &bob,
+            "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>",
+        ),
+    ];
+    for (tab, text) in payloads {
+        tab.say(text).await;
+        expected.push((tab.name.to_string(), text.to_string()));
+        plain_next_text(&mut plain).await;
+    }
+    let bare = "<b>bold?</b><svg onload=\"window.__pwned=3\"></svg>";
+    plain.send(Message::text(bare)).await.expect("plain send");
+    expected.push(("(no name)".into(), bare.into()));
+    plain_next_text(&mut plain).await;
+    for t in [&alice, &bob] {
+        t.wait_count(expected.len()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for tab in [&alice, &bob] {
+        assert_eq!(strip(&tab.messages().await), expected, "[{}]", tab.name);
+        let clean = tab
+            .js(
+                "return [document.querySelectorAll('#log img, #log script, #log svg, #log b').length, \
+                 typeof window.__pwned]",
+                vec![],
+            )
+            .await;
+        assert_eq!(
+            clean,
+            json!([0, "undefined"]),
+            "[{}] no markup, no script",
+            tab.name
+        );
+    }
+
+    // A message over the server's limit is refused in the page, with a note,
+    // and the tab stays connected. "é" is two bytes in UTF-8: the page counts
+    // bytes, not characters (1,003 characters, 2,001 bytes with "bob: ").
+    let too_big = "é".repeat((MAX_MESSAGE_BYTES - "bob: ".len()) / 2 + 1);
+    assert_eq!(
+        format!("bob: {too_big}").len(),
+        MAX_MESSAGE_BYTES + 1,
+        "one byte over"
+    );
+    bob.paste_and_send(&too_big).await;
+    bob.wait(
+        "the too-big note",
+        SHOW_UP,
+        "const n = document.getElementById('note'); return !n.hidden && n.dataset.reason === 'too-big'",
+    )
+    .await;
+    std::fs::write(out.join("too-big-bob.png"), bob.screenshot().await).expect("write");
+    let note = bob
+        .js(
+            "return document.getElementById('note').textContent.replace(/[^0-9a-z ]/gi, '')",
+            vec![],
+        )
+        .await;
+    let note = note.as_str().unwrap();
+    assert!(
+        note.contains("2001 bytes") && note.contains("at most 2000 bytes"),
+        "note says how big and what the limit is: {note}"
+    );
+    let kept = bob
+        .js(
+            "return [document.getElementById('text').value.length, \
+             document.getElementById('bytes').classList.contains('over')]",
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        kept,
+        json!([too_big.chars().count(), true]),
+        "text kept, counter red"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for tab in [&alice, &bob] {
+        assert_eq!(
+            tab.state().await,
+            "connected",
+            "[{}] still connected",
+            tab.name
+        );
+        assert_eq!(
+            tab.messages().await.len(),
+            expected.len(),
+            "[{}] nothing sent",
+            tab.name
+        );
+    }
+    // Exactly at the limit goes through.
+    let at_limit = format!(
+        "{}x",
+        "é".repeat((MAX_MESSAGE_BYTES - "bob: ".len() - 1) / 2)
+    );
+    assert_eq!(format!("bob: {at_limit}").len(), MAX_MESSAGE_BYTES);
+    bob.paste_and_send(&at_limit).await;
+    expected.push(("bob".into(), at_limit.clone()));
+    assert_eq!(
+        plain_next_text(&mut plain).await,
+        format!("bob: {at_limit}")
+    );
+    for t in [&alice, &bob] {
+        t.wait_count(expected.len()).await;
+    }
+    assert_eq!(
+        bob.js("return document.getElementById('note').hidden", vec![])
+            .await,
+        true,
+        "note gone once a message fits"
+    );
+    assert_eq!(bob.state().await, "connected");
+
+    // Autoscroll: a tab scrolled up stays where it is and offers a jump to
+    // the new messages; a tab at the bottom follows them.
+    let overflowing = alice
+        .js(
+            "const l = document.getElementById('log'); l.scrollTop = 0; \
+             return l.scrollHeight > l.clientHeight + 100",
+            vec![],
+        )
+        .await;
+    assert_eq!(overflowing, true, "enough messages to scroll");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    plain
+        .send(Message::text("anyone scrolled up?"))
+        .await
+        .expect("plain send");
+    expected.push(("(no name)".into(), "anyone scrolled up?".into()));
+    plain_next_text(&mut plain).await;
+    for t in [&alice, &bob] {
+        t.wait_count(expected.len()).await;
+    }
+    let at_bottom = "const l = document.getElementById('log'); \
+                     return l.scrollHeight - l.scrollTop - l.clientHeight < 60";
+    let scroll_a = alice
+        .js(
+            "const l = document.getElementById('log'); \
+             return [l.scrollTop, document.getElementById('jump').hidden]",
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        scroll_a,
+        json!([0, false]),
+        "alice stays scrolled up, jump offered"
+    );
+    bob.wait("bob follows new messages", SHOW_UP, at_bottom)
+        .await;
+    alice
+        .c
+        .find(Locator::Css("#jump"))
+        .await
+        .expect("#jump")
+        .click()
+        .await
+        .expect("click jump");
+    alice
+        .wait("alice jumped to the newest", SHOW_UP, at_bottom)
+        .await;
+
+    // Stop the server: both tabs show they are reconnecting, and a message
+    // typed meanwhile waits, visibly, instead of being lost.
+    let (http_port, ws_port) = (server.http.port(), server.ws.port());
+    server.stop().await;
+    for tab in [&alice, &bob] {
+        tab.wait_state("reconnecting", SHOW_UP).await;
+        tab.wait(
+            "a countdown",
+            SHOW_UP,
+            "return /^reconnecting in [0-9]+ s$/.test(document.getElementById('status').textContent)",
+        )
+        .await;
+        tab.wait(
+            "the disconnect line",
+            SHOW_UP,
+            "return Array.from(document.querySelectorAll('#log li[data-kind=sys]'))\
+             .some(li => li.textContent.includes('restarting'))",
+        )
+        .await;
+    }
+    let queued = "typed while the server was down";
+    alice.say(queued).await;
+    alice
+        .wait(
+            "the queued message",
+            SHOW_UP,
+            "const box = document.getElementById('outbox-box'); \
+             return !box.hidden && document.querySelectorAll('#outbox li').length === 1 \
+               && document.querySelector('#outbox li').textContent.includes('typed while')",
+        )
+        .await;
+    assert_eq!(alice.messages().await.len(), expected.len(), "not sent yet");
+    std::fs::write(out.join("reconnecting-alice.png"), alice.screenshot().await).expect("write");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Restart on the same ports: both tabs come back by themselves, the
+    // queued message goes out, and they chat again.
+    let server = Running::start(hubbub::Config {
+        http_port,
+        ws_port,
+        ..config
+    })
+    .await;
+    for tab in [&alice, &bob] {
+        tab.wait_state("connected", RECONNECT).await;
+    }
+    // The queued message goes out as soon as alice's tab is back. The server
+    // keeps no history, so bob's tab sees it only if it happened to reconnect
+    // first (the jitter decides): check it in alice's tab, where it is echoed.
+    alice
+        .wait(
+            "the queued message delivered",
+            SHOW_UP,
+            "const box = document.getElementById('outbox-box'); \
+             const last = Array.from(document.querySelectorAll('#log li[data-kind=chat]')).pop(); \
+             return box.hidden && last.dataset.own === 'true' \
+               && last.querySelector('.body').textContent === 'typed while the server was down'",
+        )
+        .await;
+    bob.say("and we're back").await;
+    expected.push(("bob".into(), "and we're back".into()));
+    let without_queued = |v: Vec<Shown>| {
+        v.into_iter()
+            .filter(|m| m.body != queued)
+            .map(|m| (m.nick, m.body))
+            .collect::<Vec<_>>()
+    };
+    for tab in [&alice, &bob] {
+        tab.wait(
+            "the first message after the restart",
+            SHOW_UP,
+            "const last = Array.from(document.querySelectorAll('#log li[data-kind=chat]')).pop(); \
+             return last.querySelector('.body').textContent === \"and we're back\"",
+        )
+        .await;
+        let seen = tab.messages().await;
+        assert_eq!(
+            without_queued(seen.clone()),
+            expected,
+            "[{}] after the restart",
+            tab.name
+        );
+        assert_eq!(seen.last().unwrap().own, tab.name == "bob");
+        let reconnected = tab
+            .js(
+                "return Array.from(document.querySelectorAll('#log li[data-kind=sys]'))\
+                 .some(li => li.textContent.startsWith('Reconnected.'))",
+                vec![],
+            )
+            .await;
+        assert_eq!(reconnected, true, "[{}] says it reconnected", tab.name);
+    }
+    let seen_a = alice.messages().await;
+    assert_eq!(
+        seen_a[seen_a.len() - 2].body,
+        queued,
+        "alice's queued message went out before bob's"
+    );
+
+    // Phone width: nothing sticks out sideways at 360 px.
+    set_viewport(&bob.c, 360, 640).await;
+    bob.wait(
+        "the newest message in view at phone width",
+        SHOW_UP,
+        "const l = document.getElementById('log').getBoundingClientRect(); \
+         const m = document.querySelector('#log li:last-child').getBoundingClientRect(); \
+         return m.bottom <= l.bottom + 1 && m.top >= l.top",
+    )
+    .await;
+    let fits = bob
+        .js(
+            "return [innerWidth, document.documentElement.scrollWidth <= innerWidth, \
+             Array.from(document.querySelectorAll('header > *, footer *')) \
+               .every(e => e.getBoundingClientRect().right <= innerWidth + 0.5)]",
+            vec![],
+        )
+        .await;
+    assert_eq!(fits[1], true, "no horizontal scroll at phone width: {fits}");
+    assert_eq!(
+        fits[2], true,
+        "header and composer fit at phone width: {fits}"
+    );
+    std::fs::write(out.join("phone-bob.png"), bob.screenshot().await).expect("write");
+
+    // And on a desktop-sized window, for a look at the wide layout.
+    set_viewport(&alice.c, 1100, 720).await;
+    std::fs::write(out.join("desktop-alice.png"), alice.screenshot().await).expect("write");
+
+    for tab in [alice, bob] {
+        tab.c.close().await.expect("close browser");
+    }
+    server.stop().await;
+}
