@@ -89,23 +89,35 @@ impl Gateway {
         debug!("websocket listener stopped accepting");
     }
 
-    /// One connection from TCP accept to close. The permit is held for the
+    /// The handshake part of a connection. On success the peer gets a task
+    /// of its own, so that nothing the handshake needed stays allocated for
+    /// the life of the peer. The permit moves with it: it is held for the
     /// whole life of the connection, which is what `max_connections` counts.
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
         id: u64,
         peer: SocketAddr,
-        _permit: OwnedSemaphorePermit,
+        permit: OwnedSemaphorePermit,
     ) {
-        // Boxed so that hyper's connection state lives on the heap only while
-        // the handshake runs, instead of enlarging every idle peer's task.
         let ws = tokio::select! {
             _ = self.force.cancelled() => return,
-            ws = Box::pin(self.handshake(stream, peer)) => ws,
+            ws = self.handshake(stream, peer) => ws,
         };
         let Some(ws) = ws else { return };
         self.metrics.connection_result(ConnResult::Accepted);
+        let span = tracing::Span::current();
+        self.tracker
+            .spawn(self.clone().session(ws, id, permit).instrument(span));
+    }
+
+    /// A connected peer, until it is gone or the shutdown grace runs out.
+    async fn session(
+        self: Arc<Self>,
+        mut ws: WebSocketStream<TcpStream>,
+        id: u64,
+        _permit: OwnedSemaphorePermit,
+    ) {
         let ctx = SessionContext {
             id,
             config: &self.config,
@@ -115,7 +127,7 @@ impl Gateway {
         };
         tokio::select! {
             _ = self.force.cancelled() => debug!("dropped at the end of the shutdown grace period"),
-            _ = session::run(ws, ctx) => {}
+            _ = session::run(&mut ws, ctx) => {}
         }
     }
 

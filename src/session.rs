@@ -57,16 +57,18 @@ enum End {
 
 /// Runs the session until the peer is gone. Never returns an error: every
 /// way a peer can end is an ordinary outcome, logged here.
-pub async fn run(mut ws: Ws, ctx: SessionContext<'_>) {
-    let Ok(membership) = ctx.hub.join(ctx.id).await else {
+pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
+    // The one-off steps before and after the loop are boxed: a task is as
+    // large as its largest await, and only the loop should set that size.
+    let Ok(membership) = Box::pin(ctx.hub.join(ctx.id)).await else {
         // The hub is already gone: the server is shutting down.
-        let _ = ws.close(Some(going_away())).await;
+        let _ = Box::pin(ws.close(Some(going_away()))).await;
         return;
     };
     ctx.metrics.peer_opened();
     info!("peer connected");
-    let end = serve(&mut ws, membership, &ctx).await;
-    ctx.hub.leave(ctx.id).await;
+    let end = serve(ws, membership, &ctx).await;
+    Box::pin(ctx.hub.leave(ctx.id)).await;
     ctx.metrics.peer_closed();
 
     match end {
@@ -77,13 +79,13 @@ pub async fn run(mut ws: Ws, ctx: SessionContext<'_>) {
             } else {
                 CLOSE_TIMEOUT
             };
-            let _ = tokio::time::timeout(wait, close_handshake(&mut ws, frame)).await;
+            let _ = Box::pin(tokio::time::timeout(wait, close_handshake(ws, frame))).await;
         }
         End::Gone => {
             // The peer closed or vanished; flush any close reply tungstenite
             // queued for it, but never wait long on a dead socket.
             info!("peer disconnected");
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+            let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, ws.flush())).await;
         }
     }
 }
