@@ -6,21 +6,22 @@
 //! owned by this task alone and changed only by messages, so there is no lock
 //! to contend for and nothing to get wrong when peers come and go.
 //!
-//! The hub never waits on a peer. Each peer has a bounded queue; when it is
-//! full the peer is a slow consumer, is dropped from the registry and told
-//! why through its kick channel. Messages are `tungstenite::Message` values
+//! The hub never waits on a peer. Each peer has a bounded queue
+//! ([`crate::queue`]); when it is full the peer is a slow consumer, is
+//! dropped from the registry and kicked through its queue. Messages are `tungstenite::Message` values
 //! whose payload is reference-counted `Bytes`, so fanning one message out to
 //! N peers copies a pointer N times, not the body.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::queue;
 
 /// Identifies one connection for its whole life, in logs and in the registry.
 pub type PeerId = u64;
@@ -39,28 +40,15 @@ pub type Outgoing = Arc<Message>;
 
 /// What the hub hands out to a peer when it joins.
 pub struct Membership {
-    /// Messages to write to this peer, in hub order.
-    pub outbound: mpsc::Receiver<Outgoing>,
-    /// Fires if the hub drops this peer; closed without a value when the hub
-    /// itself stops.
-    pub kicked: oneshot::Receiver<Kick>,
+    /// Messages to write to this peer, in hub order; also says when the hub
+    /// kicks the peer or stops.
+    pub outbound: queue::Receiver,
 }
 
 enum Command {
-    Join {
-        id: PeerId,
-        outbound: mpsc::Sender<Outgoing>,
-        kick: oneshot::Sender<Kick>,
-    },
-    Leave {
-        id: PeerId,
-    },
+    Join { id: PeerId, outbound: queue::Sender },
+    Leave { id: PeerId },
     Broadcast(Message),
-}
-
-struct Peer {
-    outbound: mpsc::Sender<Outgoing>,
-    kick: oneshot::Sender<Kick>,
 }
 
 /// Cheap, cloneable handle for talking to the hub.
@@ -79,17 +67,15 @@ impl HubHandle {
     /// Registers a peer. From the moment this returns, the peer receives every
     /// message the hub broadcasts.
     pub async fn join(&self, id: PeerId) -> Result<Membership, HubClosed> {
-        let (outbound_tx, outbound) = mpsc::channel(self.send_queue);
-        let (kick, kicked) = oneshot::channel();
+        let (outbound_tx, outbound) = queue::bounded(self.send_queue);
         self.commands
             .send(Command::Join {
                 id,
                 outbound: outbound_tx,
-                kick,
             })
             .await
             .map_err(|_| HubClosed)?;
-        Ok(Membership { outbound, kicked })
+        Ok(Membership { outbound })
     }
 
     /// Unregisters a peer. Harmless if it is already gone.
@@ -132,7 +118,7 @@ pub fn spawn(
 
 #[derive(Default)]
 struct Hub {
-    peers: HashMap<PeerId, Peer>,
+    peers: HashMap<PeerId, queue::Sender>,
 }
 
 impl Hub {
@@ -169,8 +155,8 @@ impl Hub {
 
     fn handle(&mut self, command: Command, metrics: &Metrics) {
         match command {
-            Command::Join { id, outbound, kick } => {
-                self.peers.insert(id, Peer { outbound, kick });
+            Command::Join { id, outbound } => {
+                self.peers.insert(id, outbound);
             }
             Command::Leave { id } => {
                 self.peers.remove(&id);
@@ -183,18 +169,15 @@ impl Hub {
         let message = Arc::new(message);
         let mut kicked: Vec<PeerId> = Vec::new();
         for (id, peer) in &self.peers {
-            match peer.outbound.try_send(message.clone()) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => kicked.push(*id),
-                // The connection is already ending; its Leave is on the way.
-                Err(mpsc::error::TrySendError::Closed(_)) => debug!(peer = id, "queue closed"),
+            if peer.push(message.clone()).is_err() {
+                kicked.push(*id);
             }
         }
         for id in kicked {
             if let Some(peer) = self.peers.remove(&id) {
                 warn!(peer = id, "send queue full, disconnecting slow consumer");
                 metrics.slow_consumer_disconnect();
-                let _ = peer.kick.send(Kick::SlowConsumer);
+                peer.kick(Kick::SlowConsumer);
             }
         }
     }

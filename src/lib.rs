@@ -7,10 +7,12 @@
 //! - [`config`]: flags, `HUBBUB_*` environment, TOML file, defaults.
 //! - [`server`]: binds both listeners and runs everything until shutdown.
 //! - [`http`]: the HTTP listener (chat page, `/healthz`, `/metrics`).
+//! - [`listener`]: accepting TCP connections, with backoff on errors.
 //! - [`gateway`]: the WebSocket listener and the opening handshake.
 //! - [`origin`]: which browser origins may connect.
 //! - [`session`]: one connected peer, reading and writing.
 //! - [`hub`]: the task that fans every message out to every peer.
+//! - [`queue`]: each peer's bounded outbound queue.
 //! - [`page`]: the chat page and its Content-Security-Policy.
 //! - [`metrics`]: the counters behind `/metrics`.
 //! - [`shutdown`]: turning SIGINT/SIGTERM into the shutdown future.
@@ -25,6 +27,7 @@ pub mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod page;
+pub mod queue;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -28,6 +27,7 @@ use tracing::{debug, info};
 use crate::config::Config;
 use crate::hub::{HubHandle, Kick, Membership, PeerId};
 use crate::metrics::Metrics;
+use crate::queue::{self, Recv};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -92,20 +92,8 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
 
 /// The session loop proper.
 async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) -> End {
-    let Membership {
-        mut outbound,
-        kicked,
-    } = membership;
+    let Membership { outbound } = membership;
     let config = ctx.config;
-    // A closed kick channel only means the hub is stopping; the closed queue
-    // says that too, after delivering everything, so it never ends a wait.
-    let kicked = async move {
-        match kicked.await {
-            Ok(kick) => kick,
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::pin!(kicked);
     // Once shutdown begins we stop reading and only drain what the hub has
     // already queued for us; the hub closes the queue when it is done.
     let mut stopping = false;
@@ -119,18 +107,18 @@ async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) ->
     loop {
         tokio::select! {
             biased;
-            kick = &mut kicked => return End::Close(kick_frame(kick)),
             _ = ctx.shutdown.cancelled(), if !stopping => stopping = true,
-            message = outbound.recv() => {
-                let Some(message) = message else {
-                    return End::Close(going_away());
+            next = outbound.recv() => {
+                let message = match next {
+                    Recv::Message(m) => m,
+                    Recv::Closed => return End::Close(going_away()),
+                    Recv::Kicked(kick) => return End::Close(kick_frame(kick)),
                 };
                 // A write can stall on a peer that stopped reading; the
                 // hub's kick must still get through.
                 let written = tokio::select! {
-                    biased;
-                    kick = &mut kicked => return End::Close(kick_frame(kick)),
-                    r = write_batch(ws, &mut outbound, message, ctx.metrics) => r,
+                    r = write_batch(ws, &outbound, message, ctx.metrics) => r,
+                    kick = outbound.kicked() => return End::Close(kick_frame(kick)),
                 };
                 if written.is_err() {
                     return End::Gone;
@@ -186,7 +174,7 @@ async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) ->
 /// Writes `first` and whatever else is already queued, then flushes once.
 async fn write_batch(
     ws: &mut Ws,
-    outbound: &mut mpsc::Receiver<Arc<Message>>,
+    outbound: &queue::Receiver,
     first: Arc<Message>,
     metrics: &Metrics,
 ) -> Result<(), WsError> {
@@ -195,7 +183,7 @@ async fn write_batch(
     ws.feed(Message::clone(&first)).await?;
     drop(first);
     while count < MAX_BATCH as u64 {
-        let Ok(m) = outbound.try_recv() else { break };
+        let Some(m) = outbound.try_recv() else { break };
         count += 1;
         bytes += m.len() as u64;
         ws.feed(Message::clone(&m)).await?;

@@ -1,0 +1,260 @@
+//! A peer's outbound queue: bounded, one producer (the hub), one consumer
+//! (the peer's session).
+//!
+//! This takes the place of a `tokio::sync::mpsc` channel plus a `oneshot`
+//! for the kick. Those are built for many producers and high contention:
+//! cache-padded fields and a pre-allocated block of slots cost about a
+//! kilobyte per channel, paid by every idle peer. Here one side only ever
+//! pushes and the other only pops, so a small mutex around a `VecDeque` that
+//! allocates nothing while empty does the job in under a hundred bytes. The
+//! lock is held for a push or a pop, never across an await.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use crate::hub::{Kick, Outgoing};
+
+/// Capacity kept by an emptied queue; anything above is released so a burst
+/// does not leave every peer holding a large buffer afterwards.
+const KEEP_CAPACITY: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    /// The hub dropped its end: deliver what is queued, then stop.
+    Closed,
+    /// The hub gave up on this peer: stop at once.
+    Kicked(Kick),
+}
+
+struct Inner {
+    items: VecDeque<Outgoing>,
+    state: State,
+    waker: Option<Waker>,
+}
+
+struct Shared {
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing panics while holding the lock, but a poisoned queue is
+        // still a valid queue.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The hub's end.
+pub struct Sender {
+    shared: Arc<Shared>,
+}
+
+/// The session's end.
+pub struct Receiver {
+    shared: Arc<Shared>,
+}
+
+/// The queue already holds `capacity` messages.
+#[derive(Debug)]
+pub struct Full;
+
+/// What the session gets from its queue.
+#[derive(Debug)]
+pub enum Recv {
+    Message(Outgoing),
+    /// The hub is done with this peer and everything queued was delivered.
+    Closed,
+    Kicked(Kick),
+}
+
+pub fn bounded(capacity: usize) -> (Sender, Receiver) {
+    let shared = Arc::new(Shared {
+        capacity,
+        inner: Mutex::new(Inner {
+            items: VecDeque::new(),
+            state: State::Open,
+            waker: None,
+        }),
+    });
+    (
+        Sender {
+            shared: shared.clone(),
+        },
+        Receiver { shared },
+    )
+}
+
+impl Sender {
+    /// Queues a message without waiting; fails if the queue is full.
+    pub fn push(&self, message: Outgoing) -> Result<(), Full> {
+        let mut inner = self.shared.lock();
+        if inner.items.len() >= self.shared.capacity {
+            return Err(Full);
+        }
+        inner.items.push_back(message);
+        let waker = inner.waker.take();
+        drop(inner);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Tells the session to stop now; what is still queued is dropped.
+    pub fn kick(self, kick: Kick) {
+        self.finish(State::Kicked(kick));
+    }
+
+    fn finish(&self, state: State) {
+        let mut inner = self.shared.lock();
+        if inner.state == State::Open {
+            inner.state = state;
+        }
+        if matches!(inner.state, State::Kicked(_)) {
+            inner.items = VecDeque::new();
+        }
+        let waker = inner.waker.take();
+        drop(inner);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.finish(State::Closed);
+    }
+}
+
+impl Receiver {
+    /// The next message, or why there will be none.
+    pub async fn recv(&self) -> Recv {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Recv> {
+        let mut inner = self.shared.lock();
+        if let State::Kicked(kick) = inner.state {
+            return Poll::Ready(Recv::Kicked(kick));
+        }
+        if let Some(message) = pop(&mut inner) {
+            return Poll::Ready(Recv::Message(message));
+        }
+        if inner.state == State::Closed {
+            return Poll::Ready(Recv::Closed);
+        }
+        register(&mut inner, cx);
+        Poll::Pending
+    }
+
+    /// A message that is already queued, if any (never one after a kick).
+    pub fn try_recv(&self) -> Option<Outgoing> {
+        let mut inner = self.shared.lock();
+        if matches!(inner.state, State::Kicked(_)) {
+            return None;
+        }
+        pop(&mut inner)
+    }
+
+    /// Completes when the hub kicks this peer. Meant to race a write that may
+    /// stall; it shares the waker slot with `recv`, which is fine because a
+    /// session never waits on both at once.
+    pub async fn kicked(&self) -> Kick {
+        poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if let State::Kicked(kick) = inner.state {
+                return Poll::Ready(kick);
+            }
+            register(&mut inner, cx);
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+fn pop(inner: &mut Inner) -> Option<Outgoing> {
+    let message = inner.items.pop_front()?;
+    if inner.items.is_empty() && inner.items.capacity() > KEEP_CAPACITY {
+        inner.items = VecDeque::new();
+    }
+    Some(message)
+}
+
+fn register(inner: &mut Inner, cx: &mut Context<'_>) {
+    match &inner.waker {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => inner.waker = Some(cx.waker().clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::Message;
+
+    fn msg(s: &str) -> Outgoing {
+        Arc::new(Message::text(s))
+    }
+
+    fn text(r: Recv) -> String {
+        match r {
+            Recv::Message(m) => m.to_text().unwrap_or_default().to_string(),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn delivers_in_order_then_reports_closed() {
+        let (tx, rx) = bounded(4);
+        tx.push(msg("a")).unwrap();
+        tx.push(msg("b")).unwrap();
+        drop(tx);
+        assert_eq!(text(rx.recv().await), "a");
+        assert_eq!(text(rx.recv().await), "b");
+        assert!(matches!(rx.recv().await, Recv::Closed));
+    }
+
+    #[tokio::test]
+    async fn refuses_beyond_capacity() {
+        let (tx, rx) = bounded(2);
+        tx.push(msg("1")).unwrap();
+        tx.push(msg("2")).unwrap();
+        assert!(tx.push(msg("3")).is_err());
+        assert_eq!(text(rx.recv().await), "1");
+        tx.push(msg("3")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_kick_wins_over_queued_messages() {
+        let (tx, rx) = bounded(4);
+        tx.push(msg("a")).unwrap();
+        tx.kick(Kick::SlowConsumer);
+        assert!(matches!(rx.recv().await, Recv::Kicked(Kick::SlowConsumer)));
+        assert!(rx.try_recv().is_none());
+        assert_eq!(rx.kicked().await, Kick::SlowConsumer);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_is_woken() {
+        let (tx, rx) = bounded(4);
+        let waiter = tokio::spawn(async move { text(rx.recv().await) });
+        tokio::task::yield_now().await;
+        tx.push(msg("late")).unwrap();
+        assert_eq!(waiter.await.unwrap(), "late");
+    }
+
+    #[test]
+    fn an_emptied_queue_gives_back_a_large_buffer() {
+        let (tx, rx) = bounded(1000);
+        for _ in 0..100 {
+            tx.push(msg("x")).unwrap();
+        }
+        while rx.try_recv().is_some() {}
+        assert_eq!(rx.shared.lock().items.capacity(), 0);
+    }
+}
