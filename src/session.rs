@@ -145,7 +145,9 @@ async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) ->
                     Message::Close(_) => return End::Gone,
                 }
                 ctx.metrics.message_received();
-                if ctx.hub.broadcast(message).await.is_err() {
+                // Boxed, like the ping below: only the wait for the next
+                // event should count towards every idle peer's task size.
+                if Box::pin(ctx.hub.broadcast(message)).await.is_err() {
                     // The hub stopped taking messages: shutdown has begun.
                     stopping = true;
                 }
@@ -157,7 +159,7 @@ async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) ->
                 }
                 if now >= next_ping {
                     next_ping = now + config.ping_interval;
-                    if ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                    if Box::pin(ws.send(Message::Ping(Bytes::new()))).await.is_err() {
                         return End::Gone;
                     }
                 }
