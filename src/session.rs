@@ -58,19 +58,31 @@ enum End {
 /// Runs the session until the peer is gone. Never returns an error: every
 /// way a peer can end is an ordinary outcome, logged here.
 pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
-    // The one-off steps before and after the loop are boxed: a task is as
-    // large as its largest await, and only the loop should set that size.
-    let Ok(membership) = Box::pin(ctx.hub.join(ctx.id)).await else {
-        // The hub is already gone: the server is shutting down.
-        let _ = Box::pin(ws.close(Some(going_away()))).await;
+    // The steps before and after the loop live in their own boxed futures:
+    // a task is as large as its largest state, and only the loop, which is
+    // where an idle peer spends its life, should set that size.
+    let Some(membership) = Box::pin(start(ws, &ctx)).await else {
         return;
+    };
+    let end = serve(ws, membership, &ctx).await;
+    Box::pin(finish(ws, end, &ctx)).await;
+}
+
+/// Registers with the hub, or closes with 1001 if the hub is already gone.
+async fn start(ws: &mut Ws, ctx: &SessionContext<'_>) -> Option<Membership> {
+    let Ok(membership) = ctx.hub.join(ctx.id).await else {
+        let _ = ws.close(Some(going_away())).await;
+        return None;
     };
     ctx.metrics.peer_opened();
     info!("peer connected");
-    let end = serve(ws, membership, &ctx).await;
-    Box::pin(ctx.hub.leave(ctx.id)).await;
-    ctx.metrics.peer_closed();
+    Some(membership)
+}
 
+/// Leaves the hub and ends the connection as `end` says.
+async fn finish(ws: &mut Ws, end: End, ctx: &SessionContext<'_>) {
+    ctx.hub.leave(ctx.id).await;
+    ctx.metrics.peer_closed();
     match end {
         End::Close(frame) => {
             info!(code = u16::from(frame.code), reason = %frame.reason, "closing peer");
@@ -79,13 +91,13 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
             } else {
                 CLOSE_TIMEOUT
             };
-            let _ = Box::pin(tokio::time::timeout(wait, close_handshake(ws, frame))).await;
+            let _ = tokio::time::timeout(wait, close_handshake(ws, frame)).await;
         }
         End::Gone => {
             // The peer closed or vanished; flush any close reply tungstenite
             // queued for it, but never wait long on a dead socket.
             info!("peer disconnected");
-            let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, ws.flush())).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
         }
     }
 }
