@@ -268,8 +268,9 @@ enum Raw {
     List(Vec<String>),
 }
 
-/// Keys in the order they are documented; the env var is `HUBBUB_` + upper case.
-const KEYS: &[&str] = &[
+/// Every configuration key, in the order they are documented. The
+/// environment variable of a key is `HUBBUB_` + the key in upper case.
+pub const KEYS: &[&str] = &[
     "host",
     "http_port",
     "ws_port",

@@ -14,23 +14,7 @@ fn config_example_documents_every_key_with_its_default() {
     let defaults = Config::default();
     assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
     let text = std::fs::read_to_string(path).expect("read");
-    for key in [
-        "host",
-        "http_port",
-        "ws_port",
-        "public_ws_url",
-        "allowed_origins",
-        "static_dir",
-        "max_connections",
-        "max_message_bytes",
-        "send_queue",
-        "allow_binary",
-        "handshake_timeout",
-        "ping_interval",
-        "idle_timeout",
-        "shutdown_grace",
-        "log_format",
-    ] {
+    for key in hubbub::config::KEYS {
         assert!(
             text.contains(&format!("\n{key} = ")) || text.contains(&format!("# {key} = ")),
             "{key} undocumented"
