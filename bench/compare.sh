@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Runs the issue-4 scenarios against hubbub and the Node.js `ws` reference,
+# one server at a time on 127.0.0.1, and prints a side-by-side table.
+# Needs: cargo, node and npm (the reference is installed with `npm ci`).
+#
+#   bench/compare.sh                 # everything, ~3 minutes
+#   SERVERS=ws bench/compare.sh      # only the reference (or SERVERS=hubbub)
+#   DURATION=5 bench/compare.sh      # shorter measurement windows
+#
+# Environment:
+#   SERVERS     servers to run, in order (default "hubbub ws")
+#   SCENARIOS   subset of: fanout-100 fanout-1000 saturate-100 idle-10000 slow-50
+#   DURATION    seconds measured per fanout/saturate run (default 10)
+#   PORT        first WebSocket port; each server start takes the next one
+#               (default 18081, so 18081..18090 for the full run)
+#   BENCH_ARGS  extra flags for every hubbub-bench run (e.g. "--threads 2")
+#   SLOW_ARGS   extra flags for the slow-consumer run (default "--slow-rcvbuf 4096")
+#   HUBBUB_ARGS extra flags for hubbub
+#   QUIET_MAX   before each run, wait until other work uses at most this much
+#               CPU (% of one core, default 25) ...
+#   QUIET_WAIT  ... for at most this many seconds (default 120)
+#
+# Every server is started fresh for each scenario (so RSS figures do not
+# carry over) and killed afterwards; a trap kills any left on exit. Results
+# are kept as JSON lines in target/bench/.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+SERVERS=${SERVERS:-"hubbub ws"}
+SCENARIOS=${SCENARIOS:-"fanout-100 fanout-1000 saturate-100 idle-10000 slow-50"}
+DURATION=${DURATION:-10}
+PORT=${PORT:-18081}
+BENCH_ARGS=${BENCH_ARGS:-}
+SLOW_ARGS=${SLOW_ARGS:---slow-rcvbuf 4096}
+HUBBUB_ARGS=${HUBBUB_ARGS:-}
+QUIET_MAX=${QUIET_MAX:-25}
+QUIET_WAIT=${QUIET_WAIT:-120}
+OUT_DIR="$ROOT/target/bench"
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+RESULTS="$OUT_DIR/compare-$STAMP.jsonl"
+LOGS="$OUT_DIR/compare-$STAMP-logs"
+BENCH="$ROOT/target/release/hubbub-bench"
+
+SERVER_PID=""
+cleanup() {
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        # Give a graceful shutdown 10 s, then force it; `wait` reaps the child.
+        ( sleep 10; kill -9 "$SERVER_PID" 2>/dev/null ) &
+        local watchdog=$!
+        wait "$SERVER_PID" 2>/dev/null || true
+        kill "$watchdog" 2>/dev/null || true
+        wait "$watchdog" 2>/dev/null || true
+    fi
+    SERVER_PID=""
+}
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT TERM
+
+log() { printf '>> %s\n' "$*" >&2; }
+
+# Each server start gets its own port (PORT, PORT+1, ...), so a socket of the
+# previous run lingering in TIME_WAIT can never make the next bind fail.
+PORT_NEXT=$PORT
+CUR_PORT=$PORT
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# CPU the whole machine used over one second, in % of one core.
+machine_busy_pct() {
+    local a b
+    a=$(awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat)
+    sleep 1
+    b=$(awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat)
+    echo $(( (b - a) * 100 / $(getconf CLK_TCK) ))
+}
+
+# The tool and the server share a 2-core machine: a compile or test run
+# elsewhere on it skews every figure. Wait (bounded) for it to calm down;
+# each result also records the CPU others used meanwhile (other_cpu_pct).
+wait_quiet() {
+    local busy waited=0
+    while :; do
+        busy=$(machine_busy_pct)
+        (( busy <= QUIET_MAX )) && return 0
+        if (( waited >= QUIET_WAIT )); then
+            log "machine still ${busy}% busy after ${QUIET_WAIT}s; measuring anyway (see 'other CPU')"
+            return 0
+        fi
+        (( waited == 0 )) && log "machine ${busy}% busy with other work; waiting up to ${QUIET_WAIT}s"
+        waited=$((waited + 1))
+    done
+}
+
+# Idle needs 10,000 sockets in the tool and 10,000 in the server.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if (( $(ulimit -n) < 10100 )); then
+    log "warning: open-files limit $(ulimit -n) is below 10,100; idle-10000 will fail"
+fi
+
+mkdir -p "$OUT_DIR" "$LOGS"
+
+log "building release binaries"
+build_pkgs=(-p hubbub-bench)
+for s in $SERVERS; do [[ $s == hubbub ]] && build_pkgs+=(-p hubbub); done
+cargo build --release "${build_pkgs[@]}" >&2
+
+for s in $SERVERS; do
+    if [[ $s == ws ]]; then
+        if [[ ! -d bench/reference/node_modules/ws ]]; then
+            log "installing the reference server's dependencies (npm ci)"
+            (cd bench/reference && npm ci --no-audit --no-fund >&2)
+        fi
+    fi
+done
+
+start_server() { # name scenario
+    local name=$1 scenario=$2 logf="$LOGS/$1-$2.log"
+    CUR_PORT=$PORT_NEXT
+    PORT_NEXT=$((PORT_NEXT + 1))
+    if port_open "$CUR_PORT"; then
+        log "something already listens on 127.0.0.1:$CUR_PORT; set PORT to a free range"
+        exit 1
+    fi
+    case $name in
+        hubbub)
+            # shellcheck disable=SC2086
+            RUST_LOG=${RUST_LOG:-warn} "$ROOT/target/release/hubbub" --host 127.0.0.1 --http-port 0 \
+                --ws-port "$CUR_PORT" --max-connections 20000 $HUBBUB_ARGS >"$logf" 2>&1 &
+            ;;
+        ws)
+            node "$ROOT/bench/reference/server.js" "$CUR_PORT" >"$logf" 2>&1 &
+            ;;
+        *)
+            log "unknown server $name"; exit 1 ;;
+    esac
+    SERVER_PID=$!
+    for _ in $(seq 1 100); do
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then break; fi
+        if port_open "$CUR_PORT"; then return 0; fi
+        sleep 0.1
+    done
+    log "$name did not start listening on port $CUR_PORT; its log:"
+    cat "$logf" >&2
+    exit 1
+}
+
+run_bench() { # name scenario args...
+    local name=$1 scenario=$2; shift 2
+    log "$scenario against $name: hubbub-bench $*"
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        log "$name exited before the run; its log:"
+        cat "$LOGS/$name-$scenario.log" >&2
+        exit 1
+    fi
+    # shellcheck disable=SC2086
+    timeout 600 "$BENCH" "$@" --url "ws://127.0.0.1:$CUR_PORT/" --server-pid "$SERVER_PID" --server-name "$name" \
+        --label "$scenario" --json-out "$RESULTS" --no-progress $BENCH_ARGS >&2
+}
+
+for name in $SERVERS; do
+    for scenario in $SCENARIOS; do
+        wait_quiet
+        start_server "$name" "$scenario"
+        sleep 0.5
+        case $scenario in
+            fanout-100)
+                run_bench "$name" "$scenario" fanout -n 100 -s 10 -r 50 -b 64 -d "$DURATION" ;;
+            fanout-1000)
+                run_bench "$name" "$scenario" fanout -n 1000 -s 5 -r 20 -b 64 -d "$DURATION" ;;
+            saturate-100)
+                run_bench "$name" "$scenario" saturate -n 100 -s 10 -b 64 -d "$DURATION" --warmup 2 ;;
+            idle-10000)
+                run_bench "$name" "$scenario" idle -n 10000 --hold 5 ;;
+            slow-50)
+                # shellcheck disable=SC2086
+                run_bench "$name" "$scenario" fanout -n 1000 -s 5 -r 20 -b 64 -d "$DURATION" --slow 50 $SLOW_ARGS ;;
+            *)
+                log "unknown scenario $scenario"; exit 1 ;;
+        esac
+        cleanup
+        sleep 1 # let the sockets of the last run wind down
+    done
+done
+
+cp "$RESULTS" "$OUT_DIR/compare-latest.jsonl"
+{
+    echo "hubbub-bench compare, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r)"
+    echo "command: bench/compare.sh (SERVERS=\"$SERVERS\" DURATION=$DURATION BENCH_ARGS=\"$BENCH_ARGS\" SLOW_ARGS=\"$SLOW_ARGS\")"
+    echo
+    subject=$(echo "$SERVERS" | awk '{print $1}')
+    baseline=$(echo "$SERVERS" | awk '{print $2}')
+    if [[ -n "$baseline" ]]; then
+        "$BENCH" compare "$RESULTS" --subject "$subject" --baseline "$baseline"
+    else
+        "$BENCH" compare "$RESULTS"
+    fi
+} | tee "$OUT_DIR/compare-$STAMP.txt"
+log "results: $RESULTS (and compare-latest.jsonl); table: $OUT_DIR/compare-$STAMP.txt"

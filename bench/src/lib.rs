@@ -1,0 +1,16 @@
+//! hubbub-bench: a load generator for broadcast WebSocket servers (every
+//! message a client sends reaches every connected client, sender included).
+//!
+//! The modes live in [`run`]; the pieces that decide what the numbers say
+//! (message format, frame codec, loss/reorder accounting, percentiles) are
+//! separate modules with their own tests.
+
+pub mod compare;
+pub mod conn;
+pub mod frame;
+pub mod latency;
+pub mod payload;
+pub mod report;
+pub mod run;
+pub mod sys;
+pub mod tracker;

@@ -1,0 +1,283 @@
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use hubbub_bench::report::Report;
+use hubbub_bench::run::{self, Common, FanoutCfg, IdleCfg, SaturateCfg};
+use hubbub_bench::{compare, sys};
+
+/// Load generator for broadcast WebSocket servers (hubbub or any server that
+/// relays every message to every connected client, sender included).
+#[derive(Parser, Debug)]
+#[command(name = "hubbub-bench", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// N clients; S of them send R msg/s of B bytes for D seconds; every
+    /// client reads everything. Reports deliveries/s, delivery ratio, loss,
+    /// reordering and latency percentiles.
+    Fanout(FanoutArgs),
+    /// S senders send as fast as the server takes it, each with at most
+    /// --window unconfirmed messages (its own echo confirms one). Reports
+    /// the deliveries/s reached.
+    Saturate(SaturateArgs),
+    /// Opens N idle connections and holds them; with --server-pid reports
+    /// the server's RSS per connection.
+    Idle(IdleArgs),
+    /// Prints a side-by-side table from JSON lines written with --json-out.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct CommonArgs {
+    /// WebSocket URL of the server (ws:// only).
+    #[arg(long, default_value = "ws://127.0.0.1:8081/")]
+    url: String,
+    /// Server process id: report its CPU and RSS from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print the result as one JSON line on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Append the JSON line to this file (the table stays on stdout).
+    #[arg(long, value_name = "FILE")]
+    json_out: Option<PathBuf>,
+    /// Scenario name recorded in the JSON (used by `compare`).
+    #[arg(long)]
+    label: Option<String>,
+    /// Server name recorded in the JSON (used by `compare`).
+    #[arg(long = "server-name")]
+    server_name: Option<String>,
+    /// Runtime worker threads (1 = single-threaded runtime).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Connections opened concurrently per ramp step.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Pause between ramp steps, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    batch_pause_ms: u64,
+    /// Seconds allowed for one connection's TCP connect + handshake.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Spread connections over source addresses 127.0.0.1..=127.0.0.N
+    /// (0: one per 16,000 connections).
+    #[arg(long, default_value_t = 0)]
+    source_ips: usize,
+    /// Initial read buffer per connection, bytes (grows only for larger frames).
+    #[arg(long, default_value_t = 4096)]
+    read_buf: usize,
+    /// Largest frame accepted from the server, bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_frame: usize,
+    /// Never draw the connect progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args, Debug)]
+struct FanoutArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Connections (N).
+    #[arg(short = 'n', long, default_value_t = 100)]
+    clients: usize,
+    /// Of which send (S).
+    #[arg(short = 's', long, default_value_t = 10)]
+    senders: usize,
+    /// Messages per second per sender (R).
+    #[arg(short = 'r', long, default_value_t = 50.0)]
+    rate: f64,
+    /// Message size in bytes (B, at least 36).
+    #[arg(short = 'b', long, default_value_t = 64)]
+    size: usize,
+    /// Seconds of sending (D).
+    #[arg(short = 'd', long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop each sender after this many messages (ends the run early).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Of the N clients, K connect but never read (slow consumers).
+    #[arg(long, default_value_t = 0)]
+    slow: usize,
+    /// SO_RCVBUF for the slow clients, bytes (default: the kernel's).
+    #[arg(long)]
+    slow_rcvbuf: Option<u32>,
+    /// Seconds to wait for outstanding deliveries after the senders stop.
+    #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+}
+
+#[derive(Args, Debug)]
+struct SaturateArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[arg(short = 'n', long, default_value_t = 100)]
+    clients: usize,
+    #[arg(short = 's', long, default_value_t = 10)]
+    senders: usize,
+    #[arg(short = 'b', long, default_value_t = 64)]
+    size: usize,
+    /// Unconfirmed messages allowed per sender.
+    #[arg(short = 'w', long, default_value_t = 16)]
+    window: u64,
+    /// Seconds of sending before the measurement starts.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Seconds measured.
+    #[arg(short = 'd', long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds to wait for outstanding deliveries after the senders stop.
+    #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+}
+
+#[derive(Args, Debug)]
+struct IdleArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[arg(short = 'n', long, default_value_t = 10_000)]
+    clients: usize,
+    /// Seconds to hold the connections before measuring.
+    #[arg(long, default_value_t = 5.0)]
+    hold: f64,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// JSON-lines file(s) written with --json-out.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Server whose advantage is shown (default: the first one seen).
+    #[arg(long)]
+    subject: Option<String>,
+    /// Server compared against (default: the second one seen).
+    #[arg(long)]
+    baseline: Option<String>,
+}
+
+fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{what} must be a non-negative number of seconds"))
+}
+
+fn common_of(a: &CommonArgs) -> anyhow::Result<Common> {
+    let mut c = Common::new(&a.url);
+    c.batch = a.batch.max(1);
+    c.batch_pause = Duration::from_millis(a.batch_pause_ms);
+    c.connect_timeout = secs(a.connect_timeout, "--connect-timeout")?;
+    c.source_ips = a.source_ips;
+    c.read_buf = a.read_buf.max(64);
+    c.max_frame = a.max_frame;
+    c.server_pid = a.server_pid;
+    c.progress = !a.no_progress && std::io::stderr().is_terminal();
+    c.label = a.label.clone();
+    c.server_name = a.server_name.clone();
+    c.threads = a.threads.max(1);
+    if let Some(pid) = a.server_pid {
+        if sys::proc_rss_kib(pid).is_none() {
+            anyhow::bail!("--server-pid {pid}: no readable /proc/{pid}/status");
+        }
+    }
+    Ok(c)
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
+    Ok(rt)
+}
+
+fn emit(report: &Report, a: &CommonArgs) -> anyhow::Result<()> {
+    let line = report.to_json_line();
+    if let Some(path) = &a.json_out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{line}")?;
+    }
+    if a.json {
+        eprint!("{}", report.to_table());
+        println!("{line}");
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.mode {
+        Mode::Fanout(a) => {
+            let common = common_of(&a.common)?;
+            let cfg = FanoutCfg {
+                clients: a.clients,
+                senders: a.senders,
+                rate: a.rate,
+                size: a.size,
+                duration: secs(a.duration, "--duration")?,
+                messages: a.messages,
+                slow: a.slow,
+                slow_recv_buffer: a.slow_rcvbuf,
+                drain: secs(a.drain, "--drain")?,
+            };
+            let report = runtime(common.threads)?.block_on(run::fanout(&common, &cfg))?;
+            emit(&report, &a.common)
+        }
+        Mode::Saturate(a) => {
+            let common = common_of(&a.common)?;
+            let cfg = SaturateCfg {
+                clients: a.clients,
+                senders: a.senders,
+                size: a.size,
+                window: a.window,
+                warmup: secs(a.warmup, "--warmup")?,
+                duration: secs(a.duration, "--duration")?,
+                drain: secs(a.drain, "--drain")?,
+            };
+            let report = runtime(common.threads)?.block_on(run::saturate(&common, &cfg))?;
+            emit(&report, &a.common)
+        }
+        Mode::Idle(a) => {
+            let common = common_of(&a.common)?;
+            let cfg = IdleCfg {
+                clients: a.clients,
+                hold: secs(a.hold, "--hold")?,
+            };
+            let report = runtime(common.threads)?.block_on(run::idle(&common, &cfg))?;
+            emit(&report, &a.common)
+        }
+        Mode::Compare(a) => {
+            let mut runs = Vec::new();
+            for f in &a.files {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                runs.extend(
+                    compare::parse_lines(&text).with_context(|| format!("in {}", f.display()))?,
+                );
+            }
+            print!(
+                "{}",
+                compare::table(&runs, a.subject.as_deref(), a.baseline.as_deref())
+            );
+            Ok(())
+        }
+    }
+}

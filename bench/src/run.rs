@@ -1,0 +1,1156 @@
+//! The three benchmark modes and the connection tasks they share.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Mutex, Notify};
+use tokio::task::JoinHandle;
+
+use crate::conn::{self, ConnectOpts, Target};
+use crate::frame::{self, FrameReader, MaskGen};
+use crate::latency;
+use crate::payload::{self, Header};
+use crate::report::Report;
+use crate::sys::{self, CpuMark};
+use crate::tracker::{self, Counts, SeqTracker};
+
+/// Settings every mode shares.
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub url: String,
+    /// Connections opened concurrently per ramp step.
+    pub batch: usize,
+    /// Pause between ramp steps.
+    pub batch_pause: Duration,
+    pub connect_timeout: Duration,
+    /// Spread connections over 127.0.0.1..=127.0.0.N (0 = decide from the count).
+    pub source_ips: usize,
+    /// Initial read buffer per connection, bytes.
+    pub read_buf: usize,
+    /// Largest frame accepted from the server.
+    pub max_frame: usize,
+    pub server_pid: Option<u32>,
+    pub progress: bool,
+    pub label: Option<String>,
+    pub server_name: Option<String>,
+    /// Worker threads of the runtime (for the report only).
+    pub threads: usize,
+}
+
+impl Common {
+    pub fn new(url: &str) -> Self {
+        Common {
+            url: url.to_string(),
+            batch: 100,
+            batch_pause: Duration::ZERO,
+            connect_timeout: Duration::from_secs(10),
+            source_ips: 0,
+            read_buf: 4096,
+            max_frame: 1 << 20,
+            server_pid: None,
+            progress: false,
+            label: None,
+            server_name: None,
+            threads: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FanoutCfg {
+    pub clients: usize,
+    pub senders: usize,
+    /// Messages per second per sender.
+    pub rate: f64,
+    pub size: usize,
+    pub duration: Duration,
+    /// Stop each sender after this many messages (the run may end sooner than `duration`).
+    pub messages: Option<u64>,
+    /// Clients that connect but never read.
+    pub slow: usize,
+    /// SO_RCVBUF of the slow clients.
+    pub slow_recv_buffer: Option<u32>,
+    /// Longest wait for deliveries after the senders stop.
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SaturateCfg {
+    pub clients: usize,
+    pub senders: usize,
+    pub size: usize,
+    pub window: u64,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdleCfg {
+    pub clients: usize,
+    pub hold: Duration,
+}
+
+/// Counters one connection shares with the coordinator. Written by one task
+/// with plain stores, read by the sampler: no contended read-modify-write.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Distinct messages this connection has received.
+    received: AtomicU64,
+    /// Messages this connection has sent (senders).
+    sent: AtomicU64,
+    /// Highest own sequence number echoed back, plus one (senders).
+    confirmed: AtomicU64,
+    /// Wakes the writer when `confirmed` moves.
+    confirm: Notify,
+    /// Set when the connection ended for any reason other than our stop.
+    closed: AtomicBool,
+}
+
+/// What a reader knows of the run.
+#[derive(Debug, Clone, Copy)]
+struct ReaderCtx {
+    epoch: Instant,
+    run: u16,
+    senders: usize,
+    /// Our own sender id, if this connection sends.
+    me: Option<u32>,
+    size: Option<usize>,
+    read_buf: usize,
+    max_frame: usize,
+    track_latency: bool,
+}
+
+#[derive(Debug)]
+struct ReaderResult {
+    tracker: SeqTracker,
+    hist: Option<Histogram<u32>>,
+    foreign: u64,
+    /// The server ended the connection: close code if it sent one.
+    server_closed: Option<Option<u16>>,
+    error: Option<String>,
+}
+
+type Writer = Arc<Mutex<OwnedWriteHalf>>;
+
+fn now_ns(epoch: Instant) -> u64 {
+    epoch.elapsed().as_nanos() as u64
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+async fn write_frame(
+    wr: &Writer,
+    masks: &mut MaskGen,
+    opcode: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(payload.len() + 8);
+    frame::encode_frame(&mut out, opcode, payload, masks.next_mask());
+    wr.lock().await.write_all(&out).await
+}
+
+/// Reads and accounts for everything the server sends on one connection
+/// until `stop` flips, the server closes, or an error.
+async fn reader_task(
+    mut rd: OwnedReadHalf,
+    wr: Writer,
+    ctx: ReaderCtx,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> ReaderResult {
+    let mut fr = FrameReader::new(ctx.read_buf, ctx.max_frame);
+    let mut tracker = SeqTracker::new(ctx.senders);
+    let mut hist = ctx.track_latency.then(latency::new_conn_histogram);
+    let mut masks = MaskGen::new(seed());
+    let mut foreign = 0u64;
+    let mut confirmed = 0u64;
+    // Reassembly of fragmented messages (servers rarely fragment; reused).
+    let mut frag: Vec<u8> = Vec::new();
+    let mut in_frag = false;
+    let mut server_closed = None;
+    let mut error = None;
+
+    'outer: loop {
+        if *stop.borrow() {
+            break;
+        }
+        let n = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            r = rd.read(fr.spare()) => match r {
+                Ok(0) => { server_closed = Some(None); break; }
+                Ok(n) => n,
+                Err(e) => { error = Some(format!("read: {e}")); break; }
+            },
+        };
+        fr.filled(n);
+        // One clock reading per read: every message in it arrived together.
+        let now = now_ns(ctx.epoch);
+        let confirmed_before = confirmed;
+        loop {
+            let f = match fr.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(format!("bad frame from server: {e}"));
+                    break 'outer;
+                }
+            };
+            let msg: &[u8] = match f.opcode {
+                frame::OP_TEXT | frame::OP_BINARY if f.fin && !in_frag => f.payload,
+                frame::OP_TEXT | frame::OP_BINARY => {
+                    frag.clear();
+                    frag.extend_from_slice(f.payload);
+                    in_frag = true;
+                    continue;
+                }
+                frame::OP_CONT if in_frag => {
+                    frag.extend_from_slice(f.payload);
+                    if !f.fin {
+                        continue;
+                    }
+                    in_frag = false;
+                    &frag
+                }
+                frame::OP_CONT => {
+                    error = Some("continuation frame without a start".into());
+                    break 'outer;
+                }
+                frame::OP_PING => {
+                    let p = f.payload.to_vec(); // rare: every ping interval
+                    if let Err(e) = write_frame(&wr, &mut masks, frame::OP_PONG, &p).await {
+                        error = Some(format!("pong: {e}"));
+                        break 'outer;
+                    }
+                    continue;
+                }
+                frame::OP_PONG => continue,
+                frame::OP_CLOSE => {
+                    let code = (f.payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
+                    server_closed = Some(code);
+                    let reply = code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default();
+                    let _ = write_frame(&wr, &mut masks, frame::OP_CLOSE, &reply).await;
+                    break 'outer;
+                }
+                _ => continue, // parse_header rejects other opcodes
+            };
+            match payload::decode(msg, ctx.size) {
+                Ok(Header {
+                    run,
+                    sender,
+                    seq,
+                    ts_ns,
+                }) if run == ctx.run && (sender as usize) < ctx.senders => {
+                    let outcome = tracker.record(sender as usize, seq);
+                    if outcome != tracker::Outcome::Duplicate {
+                        if let Some(h) = hist.as_mut() {
+                            latency::record_ns(h, now.saturating_sub(ts_ns));
+                        }
+                    }
+                    if ctx.me == Some(sender) && seq >= confirmed {
+                        confirmed = seq + 1;
+                    }
+                }
+                _ => foreign += 1,
+            }
+        }
+        shared
+            .received
+            .store(tracker.counts().unique, Ordering::Relaxed);
+        if confirmed != confirmed_before {
+            shared.confirmed.store(confirmed, Ordering::Release);
+            shared.confirm.notify_one();
+        }
+    }
+    shared
+        .received
+        .store(tracker.counts().unique, Ordering::Relaxed);
+    if server_closed.is_some() || error.is_some() {
+        shared.closed.store(true, Ordering::Relaxed);
+        shared.confirm.notify_one();
+    }
+    ReaderResult {
+        tracker,
+        hist,
+        foreign,
+        server_closed,
+        error,
+    }
+}
+
+/// Sends `rate` messages/s from `start` until `stop`, or `limit` messages.
+#[allow(clippy::too_many_arguments)]
+async fn paced_writer(
+    wr: Writer,
+    id: u32,
+    run: u16,
+    epoch: Instant,
+    size: usize,
+    period: Duration,
+    start: tokio::time::Instant,
+    limit: Option<u64>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<u64, String> {
+    let mut body = vec![0u8; size];
+    payload::encode(
+        &mut body,
+        &Header {
+            run,
+            sender: id,
+            seq: 0,
+            ts_ns: 0,
+        },
+    );
+    let mut out = Vec::with_capacity(size + 16);
+    let mut masks = MaskGen::new(seed() ^ u64::from(id));
+    let mut tick = tokio::time::interval_at(start, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut seq = 0u64;
+    loop {
+        if limit.is_some_and(|l| seq >= l) || shared.closed.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        if *stop.borrow() {
+            break;
+        }
+        payload::restamp(&mut body, seq, now_ns(epoch));
+        out.clear();
+        frame::encode_frame(&mut out, frame::OP_TEXT, &body, masks.next_mask());
+        if let Err(e) = wr.lock().await.write_all(&out).await {
+            return Err(format!("send: {e}"));
+        }
+        seq += 1;
+        shared.sent.store(seq, Ordering::Relaxed);
+    }
+    Ok(seq)
+}
+
+/// Sends as fast as the server takes messages, keeping at most `window` of
+/// this sender's messages unconfirmed (not yet echoed back to it).
+#[allow(clippy::too_many_arguments)]
+async fn windowed_writer(
+    wr: Writer,
+    id: u32,
+    run: u16,
+    epoch: Instant,
+    size: usize,
+    window: u64,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<u64, String> {
+    let mut body = vec![0u8; size];
+    payload::encode(
+        &mut body,
+        &Header {
+            run,
+            sender: id,
+            seq: 0,
+            ts_ns: 0,
+        },
+    );
+    let mut out = Vec::with_capacity((size + 16) * window as usize);
+    let mut masks = MaskGen::new(seed() ^ u64::from(id));
+    let mut seq = 0u64;
+    loop {
+        if *stop.borrow() || shared.closed.load(Ordering::Relaxed) {
+            break;
+        }
+        let notified = shared.confirm.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let confirmed = shared.confirmed.load(Ordering::Acquire);
+        let in_flight = seq.saturating_sub(confirmed);
+        if in_flight < window {
+            // Fill the window and write it in one go.
+            out.clear();
+            let ts = now_ns(epoch);
+            for _ in in_flight..window {
+                payload::restamp(&mut body, seq, ts);
+                frame::encode_frame(&mut out, frame::OP_TEXT, &body, masks.next_mask());
+                seq += 1;
+            }
+            if let Err(e) = wr.lock().await.write_all(&out).await {
+                return Err(format!("send: {e}"));
+            }
+            shared.sent.store(seq, Ordering::Relaxed);
+            continue;
+        }
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            _ = &mut notified => {}
+        }
+    }
+    Ok(seq)
+}
+
+/// One open connection during a run.
+struct Client {
+    shared: Arc<Shared>,
+    writer: Writer,
+    reader: Option<JoinHandle<ReaderResult>>,
+    /// A slow client keeps its read half unread until the end.
+    unread: Option<OwnedReadHalf>,
+}
+
+fn progress_bar(show: bool, len: u64, what: &str) -> ProgressBar {
+    let pb = if show {
+        ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn source_ips_for(common: &Common, clients: usize) -> usize {
+    if common.source_ips > 0 {
+        common.source_ips
+    } else {
+        // About 28k ephemeral ports per source address; keep well below.
+        clients.div_ceil(16_000).max(1)
+    }
+}
+
+/// Opens `count` connections in batches; `opts_for(i)` gives each one's
+/// socket options. Returns them in order (None = failed) and the errors.
+async fn ramp(
+    common: &Common,
+    target: &Target,
+    count: usize,
+    opts_for: impl Fn(usize) -> ConnectOpts,
+) -> (Vec<Option<TcpStream>>, Vec<String>, f64) {
+    let pb = progress_bar(common.progress, count as u64, "connecting");
+    let started = Instant::now();
+    let mut out: Vec<Option<TcpStream>> = Vec::with_capacity(count);
+    let mut errors = Vec::new();
+    let batch = common.batch.max(1);
+    let mut i = 0;
+    while i < count {
+        let end = (i + batch).min(count);
+        let mut set = tokio::task::JoinSet::new();
+        for j in i..end {
+            let t = target.clone();
+            let opts = opts_for(j);
+            let timeout = common.connect_timeout;
+            set.spawn(async move { (j, conn::connect(&t, opts, timeout).await) });
+        }
+        let mut got: Vec<(usize, anyhow::Result<TcpStream>)> = Vec::with_capacity(end - i);
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(x) => got.push(x),
+                Err(e) => errors.push(format!("connect task: {e}")),
+            }
+            pb.inc(1);
+        }
+        got.sort_by_key(|(j, _)| *j);
+        for (_, r) in got {
+            match r {
+                Ok(s) => out.push(Some(s)),
+                Err(e) => {
+                    errors.push(format!("{e:#}"));
+                    out.push(None);
+                }
+            }
+        }
+        i = end;
+        if i < count && !common.batch_pause.is_zero() {
+            tokio::time::sleep(common.batch_pause).await;
+        }
+    }
+    pb.finish_and_clear();
+    (out, errors, started.elapsed().as_secs_f64())
+}
+
+/// Samples deliveries and server RSS once a second until `stop`.
+struct Sampler {
+    handle: JoinHandle<SamplerResult>,
+}
+
+#[derive(Debug, Default)]
+struct SamplerResult {
+    peak_per_sec: f64,
+    rss_max: Option<u64>,
+}
+
+impl Sampler {
+    /// Peak deliveries are counted only while `measuring` is true.
+    fn start(
+        counters: Vec<Arc<Shared>>,
+        server_pid: Option<u32>,
+        measuring: Arc<AtomicBool>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Sampler {
+        let handle = tokio::spawn(async move {
+            let mut res = SamplerResult {
+                rss_max: server_pid.and_then(sys::proc_rss_kib),
+                ..Default::default()
+            };
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last: Option<(Instant, u64)> = None;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tick.tick() => {}
+                }
+                if let Some(pid) = server_pid {
+                    if let Some(r) = sys::proc_rss_kib(pid) {
+                        res.rss_max = Some(res.rss_max.map_or(r, |m| m.max(r)));
+                    }
+                }
+                let total: u64 = counters
+                    .iter()
+                    .map(|c| c.received.load(Ordering::Relaxed))
+                    .sum();
+                let now = Instant::now();
+                if measuring.load(Ordering::Relaxed) {
+                    if let Some((t, n)) = last {
+                        let dt = now.duration_since(t).as_secs_f64();
+                        if dt > 0.5 {
+                            res.peak_per_sec = res.peak_per_sec.max((total - n) as f64 / dt);
+                        }
+                    }
+                    last = Some((now, total));
+                } else {
+                    last = None;
+                }
+            }
+            res
+        });
+        Sampler { handle }
+    }
+}
+
+fn sum_received(clients: &[Arc<Shared>]) -> u64 {
+    clients
+        .iter()
+        .map(|c| c.received.load(Ordering::Relaxed))
+        .sum()
+}
+
+/// What a finished run collected from its readers.
+#[derive(Default)]
+struct Collected {
+    counts: Counts,
+    lost_gaps: u64,
+    lost_tail: u64,
+    foreign: u64,
+    hist: Option<Histogram<u64>>,
+    closed_by_server: u64,
+    close_codes: BTreeMap<String, u64>,
+    errors: Vec<String>,
+}
+
+fn code_key(code: Option<u16>) -> String {
+    code.map_or_else(|| "none".to_string(), |c| c.to_string())
+}
+
+async fn collect(readers: Vec<JoinHandle<ReaderResult>>, sent: &[u64], latency: bool) -> Collected {
+    let mut c = Collected {
+        hist: latency.then(latency::new_total_histogram),
+        ..Default::default()
+    };
+    for h in readers {
+        match h.await {
+            Ok(r) => {
+                c.counts += r.tracker.counts();
+                let (g, t) = r.tracker.lost_parts(sent);
+                c.lost_gaps += g;
+                c.lost_tail += t;
+                c.foreign += r.foreign;
+                if let (Some(total), Some(part)) = (c.hist.as_mut(), r.hist.as_ref()) {
+                    latency::merge_into(total, part);
+                }
+                if let Some(code) = r.server_closed {
+                    c.closed_by_server += 1;
+                    *c.close_codes.entry(code_key(code)).or_default() += 1;
+                }
+                if let Some(e) = r.error {
+                    if c.errors.len() < 5 {
+                        c.errors.push(e);
+                    }
+                }
+            }
+            Err(e) => c.errors.push(format!("reader task: {e}")),
+        }
+    }
+    c
+}
+
+/// Reads a client that never read until the server's close (or EOF), or
+/// `deadline`: was it disconnected by the server, and with which code?
+async fn probe_closed(
+    mut rd: OwnedReadHalf,
+    deadline: tokio::time::Instant,
+) -> Option<Option<u16>> {
+    let mut fr = FrameReader::new(64 * 1024, 16 << 20);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, rd.read(fr.spare())).await {
+            Err(_) => return None, // still open
+            Ok(Ok(0)) => return Some(None),
+            Ok(Err(_)) => return Some(None), // reset by the server
+            Ok(Ok(n)) => n,
+        };
+        fr.filled(n);
+        loop {
+            match fr.next_frame() {
+                Ok(Some(f)) if f.opcode == frame::OP_CLOSE => {
+                    let code = (f.payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
+                    return Some(code);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => return Some(None),
+            }
+        }
+    }
+}
+
+fn run_tag() -> u16 {
+    (seed() >> 7) as u16
+}
+
+fn base_report(mode: &str, common: &Common, clients: usize) -> Report {
+    Report {
+        mode: mode.to_string(),
+        label: common.label.clone(),
+        server: common.server_name.clone(),
+        url: common.url.clone(),
+        clients: clients as u64,
+        tool_threads: common.threads as u64,
+        server_pid: common.server_pid,
+        server_rss_kib_before: common.server_pid.and_then(sys::proc_rss_kib),
+        ..Report::default()
+    }
+}
+
+/// Connects `clients` sockets and starts their readers; `slow` sockets at
+/// the end of the range are left unread.
+#[allow(clippy::too_many_arguments)]
+async fn connect_clients(
+    common: &Common,
+    target: &Target,
+    clients: usize,
+    senders: usize,
+    slow: usize,
+    slow_recv_buffer: Option<u32>,
+    ctx: ReaderCtx,
+    stop: &watch::Receiver<bool>,
+    report: &mut Report,
+) -> anyhow::Result<Vec<Client>> {
+    let ips = source_ips_for(common, clients);
+    let first_slow = clients - slow;
+    let (streams, errors, secs) = ramp(common, target, clients, |i| ConnectOpts {
+        source: conn::source_addr(i, ips, &target.addr),
+        recv_buffer: if i >= first_slow {
+            slow_recv_buffer
+        } else {
+            None
+        },
+    })
+    .await;
+    report.connect_secs = secs;
+    report.connected = streams.iter().filter(|s| s.is_some()).count() as u64;
+    report.connect_failed = clients as u64 - report.connected;
+    if report.connect_failed > 0 {
+        bail!(
+            "{} of {} connections failed (first error: {})",
+            report.connect_failed,
+            clients,
+            errors.first().map(String::as_str).unwrap_or("?")
+        );
+    }
+    let mut out = Vec::with_capacity(clients);
+    for (i, s) in streams.into_iter().enumerate() {
+        let (rd, wr) = s.expect("all connected").into_split();
+        let shared = Arc::new(Shared::default());
+        let writer = Arc::new(Mutex::new(wr));
+        let (reader, unread) = if i >= first_slow {
+            (None, Some(rd))
+        } else {
+            let ctx = ReaderCtx {
+                me: (i < senders).then_some(i as u32),
+                ..ctx
+            };
+            let h = tokio::spawn(reader_task(
+                rd,
+                writer.clone(),
+                ctx,
+                shared.clone(),
+                stop.clone(),
+            ));
+            (Some(h), None)
+        };
+        out.push(Client {
+            shared,
+            writer,
+            reader,
+            unread,
+        });
+    }
+    Ok(out)
+}
+
+fn check_message_size(size: usize) -> anyhow::Result<()> {
+    if size < payload::HEADER_LEN {
+        bail!(
+            "--size must be at least {} bytes (the message header)",
+            payload::HEADER_LEN
+        );
+    }
+    Ok(())
+}
+
+/// Waits until every reader has `sent_total` messages, or `limit`.
+async fn drain(readers: &[Arc<Shared>], sent_total: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let want = sent_total * readers.len() as u64;
+    while sum_received(readers) < want && Instant::now() < deadline {
+        if readers.iter().all(|r| r.closed.load(Ordering::Relaxed)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn finish_cpu(report: &mut Report, mark: &CpuMark, pid: Option<u32>) {
+    let u = mark.since(pid);
+    report.tool_cpu_pct = u.tool_pct;
+    report.server_cpu_pct = u.server_pct;
+    report.machine_cpu_pct = u.machine_pct;
+    report.other_cpu_pct = u.other_pct;
+}
+
+fn fill_deliveries(report: &mut Report, c: &Collected, sent_total: u64, readers: u64) {
+    report.sent = Some(sent_total);
+    report.expected = Some(sent_total * readers);
+    report.received = Some(c.counts.unique);
+    report.delivery_ratio = tracker::delivery_ratio(c.counts.unique, sent_total, readers);
+    report.lost = Some(c.lost_gaps + c.lost_tail);
+    report.lost_gaps = Some(c.lost_gaps);
+    report.lost_tail = Some(c.lost_tail);
+    report.reordered = Some(c.counts.reordered);
+    report.duplicates = Some(c.counts.duplicates);
+    report.foreign = Some(c.foreign);
+    report.latency = c.hist.as_ref().and_then(latency::summarize);
+    report.closed_by_server = Some(c.closed_by_server);
+    report.close_codes = c.close_codes.clone();
+    report.errors.extend(c.errors.iter().cloned());
+}
+
+/// `fanout`: N clients, S of them send R msg/s of B bytes for D seconds.
+pub async fn fanout(common: &Common, cfg: &FanoutCfg) -> anyhow::Result<Report> {
+    check_message_size(cfg.size)?;
+    if cfg.senders == 0 || cfg.senders + cfg.slow > cfg.clients {
+        bail!("need 1 <= senders and senders + slow <= clients");
+    }
+    if cfg.senders as u64 > u64::from(payload::MAX_SENDER) + 1 {
+        bail!("too many senders");
+    }
+    if !(cfg.rate > 0.0 && cfg.rate.is_finite()) {
+        bail!("--rate must be a positive number of messages per second");
+    }
+    let _ = sys::raise_nofile_limit();
+    let target = Target::resolve(&common.url).await?;
+    let mut report = base_report("fanout", common, cfg.clients);
+    report.senders = Some(cfg.senders as u64);
+    report.slow = Some(cfg.slow as u64);
+    report.rate = Some(cfg.rate);
+    report.size = Some(cfg.size as u64);
+
+    let epoch = Instant::now();
+    let run = run_tag();
+    let ctx = ReaderCtx {
+        epoch,
+        run,
+        senders: cfg.senders,
+        me: None,
+        size: Some(cfg.size),
+        read_buf: common.read_buf,
+        max_frame: common.max_frame,
+        track_latency: true,
+    };
+    let (stop_readers_tx, stop_readers) = watch::channel(false);
+    let mut clients = connect_clients(
+        common,
+        &target,
+        cfg.clients,
+        cfg.senders,
+        cfg.slow,
+        cfg.slow_recv_buffer,
+        ctx,
+        &stop_readers,
+        &mut report,
+    )
+    .await?;
+    let readers: Vec<Arc<Shared>> = clients
+        .iter()
+        .filter(|c| c.reader.is_some())
+        .map(|c| c.shared.clone())
+        .collect();
+    report.readers = Some(readers.len() as u64);
+
+    let (stop_senders_tx, stop_senders) = watch::channel(false);
+    let measuring = Arc::new(AtomicBool::new(true));
+    let sampler = Sampler::start(
+        readers.clone(),
+        common.server_pid,
+        measuring.clone(),
+        stop_readers.clone(),
+    );
+    let period = Duration::from_secs_f64(1.0 / cfg.rate);
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut writers = Vec::with_capacity(cfg.senders);
+    for (i, c) in clients.iter().take(cfg.senders).enumerate() {
+        // Stagger the senders evenly over one period.
+        let offset = period.mul_f64(i as f64 / cfg.senders as f64);
+        writers.push(tokio::spawn(paced_writer(
+            c.writer.clone(),
+            i as u32,
+            run,
+            epoch,
+            cfg.size,
+            period,
+            start + offset,
+            cfg.messages,
+            c.shared.clone(),
+            stop_senders.clone(),
+        )));
+    }
+    tokio::time::sleep_until(start).await;
+    let cpu = CpuMark::now(common.server_pid);
+    let send_start = Instant::now();
+    // The measured interval: D seconds, or until every sender hit its limit.
+    let deadline = start + cfg.duration;
+    while tokio::time::Instant::now() < deadline && !writers.iter().all(|w| w.is_finished()) {
+        let step = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::time::sleep(step.min(Duration::from_millis(5))).await;
+    }
+    let _ = stop_senders_tx.send(true);
+    let measured = send_start.elapsed().as_secs_f64();
+    let delivered_in_window = sum_received(&readers);
+    measuring.store(false, Ordering::Relaxed);
+    finish_cpu(&mut report, &cpu, common.server_pid);
+    let sent = join_writers(writers, &clients, &mut report).await;
+    let sent_total: u64 = sent.iter().sum();
+    drain(&readers, sent_total, cfg.drain).await;
+
+    // Slow clients: did the server cut them off?
+    let probe_deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let probes: Vec<_> = clients
+        .iter_mut()
+        .filter_map(|c| c.unread.take())
+        .map(|rd| tokio::spawn(probe_closed(rd, probe_deadline)))
+        .collect();
+
+    let _ = stop_readers_tx.send(true);
+    let handles: Vec<_> = clients.iter_mut().filter_map(|c| c.reader.take()).collect();
+    let collected = collect(handles, &sent, true).await;
+    let mut slow_closed = 0;
+    let mut slow_codes = BTreeMap::new();
+    for p in probes {
+        if let Ok(Some(code)) = p.await {
+            slow_closed += 1;
+            *slow_codes
+                .entry(format!("slow:{}", code_key(code)))
+                .or_default() += 1;
+        }
+    }
+    say_goodbye(clients.iter().map(|c| &c.writer)).await;
+    let s = sampler.handle.await.unwrap_or_default();
+
+    let nreaders = readers.len() as u64;
+    fill_deliveries(&mut report, &collected, sent_total, nreaders);
+    report.close_codes.extend(slow_codes);
+    report.slow_closed_by_server = (cfg.slow > 0).then_some(slow_closed);
+    report.measured_secs = measured;
+    report.send_rate = Some(sent_total as f64 / measured);
+    let dps = delivered_in_window as f64 / measured;
+    report.deliveries_per_sec = Some(dps);
+    report.deliveries_per_sec_per_reader = (nreaders > 0).then(|| dps / nreaders as f64);
+    report.peak_deliveries_per_sec = Some(s.peak_per_sec);
+    report.server_rss_kib_after = common.server_pid.and_then(sys::proc_rss_kib);
+    report.server_rss_kib_max = max_opt(s.rss_max, report.server_rss_kib_after);
+    Ok(report)
+}
+
+/// Waits (bounded) for the writers and returns each one's sent count.
+async fn join_writers(
+    writers: Vec<JoinHandle<Result<u64, String>>>,
+    clients: &[Client],
+    report: &mut Report,
+) -> Vec<u64> {
+    let mut sent = Vec::with_capacity(writers.len());
+    for (i, w) in writers.into_iter().enumerate() {
+        let abort = w.abort_handle();
+        match tokio::time::timeout(Duration::from_secs(5), w).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => report.errors.push(format!("sender {i}: {e}")),
+            Ok(Err(e)) => report.errors.push(format!("sender {i}: {e}")),
+            Err(_) => {
+                abort.abort();
+                report.errors.push(format!(
+                    "sender {i}: still blocked writing 5 s after the stop"
+                ));
+            }
+        }
+        // The count of messages fully handed to the socket.
+        sent.push(clients[i].shared.sent.load(Ordering::Relaxed));
+    }
+    sent
+}
+
+/// Sends every connection a close frame (1000) and shuts its write side,
+/// giving each at most a moment (a server that stopped reading must not
+/// hang the tool).
+async fn say_goodbye<'a>(writers: impl Iterator<Item = &'a Writer>) {
+    let mut masks = MaskGen::new(seed());
+    let mut frame_buf = Vec::with_capacity(8);
+    for w in writers {
+        frame_buf.clear();
+        frame::encode_frame(
+            &mut frame_buf,
+            frame::OP_CLOSE,
+            &1000u16.to_be_bytes(),
+            masks.next_mask(),
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            let mut g = w.lock().await;
+            let _ = g.write_all(&frame_buf).await;
+            let _ = g.shutdown().await;
+        })
+        .await;
+    }
+}
+
+fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `saturate`: senders send as fast as the server takes it (bounded window).
+pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Report> {
+    check_message_size(cfg.size)?;
+    if cfg.senders == 0 || cfg.senders > cfg.clients {
+        bail!("need 1 <= senders <= clients");
+    }
+    if cfg.window == 0 {
+        bail!("--window must be at least 1");
+    }
+    let _ = sys::raise_nofile_limit();
+    let target = Target::resolve(&common.url).await?;
+    let mut report = base_report("saturate", common, cfg.clients);
+    report.senders = Some(cfg.senders as u64);
+    report.window = Some(cfg.window);
+    report.size = Some(cfg.size as u64);
+
+    let epoch = Instant::now();
+    let run = run_tag();
+    let ctx = ReaderCtx {
+        epoch,
+        run,
+        senders: cfg.senders,
+        me: None,
+        size: Some(cfg.size),
+        read_buf: common.read_buf,
+        max_frame: common.max_frame,
+        track_latency: true,
+    };
+    let (stop_readers_tx, stop_readers) = watch::channel(false);
+    let mut clients = connect_clients(
+        common,
+        &target,
+        cfg.clients,
+        cfg.senders,
+        0,
+        None,
+        ctx,
+        &stop_readers,
+        &mut report,
+    )
+    .await?;
+    let readers: Vec<Arc<Shared>> = clients.iter().map(|c| c.shared.clone()).collect();
+    report.readers = Some(readers.len() as u64);
+
+    let (stop_senders_tx, stop_senders) = watch::channel(false);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let sampler = Sampler::start(
+        readers.clone(),
+        common.server_pid,
+        measuring.clone(),
+        stop_readers.clone(),
+    );
+    let writers: Vec<_> = clients
+        .iter()
+        .take(cfg.senders)
+        .enumerate()
+        .map(|(i, c)| {
+            tokio::spawn(windowed_writer(
+                c.writer.clone(),
+                i as u32,
+                run,
+                epoch,
+                cfg.size,
+                cfg.window,
+                c.shared.clone(),
+                stop_senders.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(cfg.warmup).await;
+    let cpu = CpuMark::now(common.server_pid);
+    let t0 = Instant::now();
+    let r0 = sum_received(&readers);
+    let s0: u64 = clients
+        .iter()
+        .take(cfg.senders)
+        .map(|c| c.shared.sent.load(Ordering::Relaxed))
+        .sum();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(cfg.duration).await;
+    let r1 = sum_received(&readers);
+    let s1: u64 = clients
+        .iter()
+        .take(cfg.senders)
+        .map(|c| c.shared.sent.load(Ordering::Relaxed))
+        .sum();
+    let measured = t0.elapsed().as_secs_f64();
+    measuring.store(false, Ordering::Relaxed);
+    finish_cpu(&mut report, &cpu, common.server_pid);
+    let _ = stop_senders_tx.send(true);
+    let sent = join_writers(writers, &clients, &mut report).await;
+    let sent_total: u64 = sent.iter().sum();
+    drain(&readers, sent_total, cfg.drain).await;
+    let _ = stop_readers_tx.send(true);
+    let handles: Vec<_> = clients.iter_mut().filter_map(|c| c.reader.take()).collect();
+    let collected = collect(handles, &sent, true).await;
+    say_goodbye(clients.iter().map(|c| &c.writer)).await;
+    let s = sampler.handle.await.unwrap_or_default();
+
+    let nreaders = readers.len() as u64;
+    fill_deliveries(&mut report, &collected, sent_total, nreaders);
+    report.measured_secs = measured;
+    report.send_rate = Some((s1 - s0) as f64 / measured);
+    let dps = (r1 - r0) as f64 / measured;
+    report.deliveries_per_sec = Some(dps);
+    report.deliveries_per_sec_per_reader = (nreaders > 0).then(|| dps / nreaders as f64);
+    report.peak_deliveries_per_sec = Some(s.peak_per_sec);
+    report.server_rss_kib_after = common.server_pid.and_then(sys::proc_rss_kib);
+    report.server_rss_kib_max = max_opt(s.rss_max, report.server_rss_kib_after);
+    Ok(report)
+}
+
+/// `idle`: open N connections, hold them, measure the server's memory.
+pub async fn idle(common: &Common, cfg: &IdleCfg) -> anyhow::Result<Report> {
+    let limit = sys::raise_nofile_limit().context("raising the open-files limit")?;
+    if (cfg.clients as u64) + 64 > limit {
+        bail!(
+            "{} connections need more file descriptors than the limit of {limit} (raise the hard limit: ulimit -Hn)",
+            cfg.clients
+        );
+    }
+    let target = Target::resolve(&common.url).await?;
+    let mut report = base_report("idle", common, cfg.clients);
+    let ctx = ReaderCtx {
+        epoch: Instant::now(),
+        run: run_tag(),
+        senders: 0,
+        me: None,
+        size: None,
+        read_buf: common.read_buf,
+        max_frame: common.max_frame,
+        track_latency: false,
+    };
+    let (stop_tx, stop) = watch::channel(false);
+    let ips = source_ips_for(common, cfg.clients);
+    let (streams, errors, secs) = ramp(common, &target, cfg.clients, |i| ConnectOpts {
+        source: conn::source_addr(i, ips, &target.addr),
+        recv_buffer: None,
+    })
+    .await;
+    report.connect_secs = secs;
+    report.connected = streams.iter().filter(|s| s.is_some()).count() as u64;
+    report.connect_failed = cfg.clients as u64 - report.connected;
+    report.errors.extend(errors.into_iter().take(3));
+    let mut shared = Vec::new();
+    let mut handles = Vec::new();
+    let mut writers = Vec::new();
+    for s in streams.into_iter().flatten() {
+        let (rd, wr) = s.into_split();
+        let sh = Arc::new(Shared::default());
+        let w = Arc::new(Mutex::new(wr));
+        handles.push(tokio::spawn(reader_task(
+            rd,
+            w.clone(),
+            ctx,
+            sh.clone(),
+            stop.clone(),
+        )));
+        shared.push(sh);
+        writers.push(w);
+    }
+    let sampler = Sampler::start(
+        Vec::new(),
+        common.server_pid,
+        Arc::new(AtomicBool::new(false)),
+        stop.clone(),
+    );
+    let cpu = CpuMark::now(common.server_pid);
+    let t0 = Instant::now();
+    tokio::time::sleep(cfg.hold).await;
+    report.measured_secs = t0.elapsed().as_secs_f64();
+    finish_cpu(&mut report, &cpu, common.server_pid);
+    report.server_rss_kib_after = common.server_pid.and_then(sys::proc_rss_kib);
+    let open = shared
+        .iter()
+        .filter(|s| !s.closed.load(Ordering::Relaxed))
+        .count() as u64;
+    report.still_open = Some(open);
+    let _ = stop_tx.send(true);
+    let collected = collect(handles, &[], false).await;
+    say_goodbye(writers.iter()).await;
+    let s = sampler.handle.await.unwrap_or_default();
+    report.closed_by_server = Some(collected.closed_by_server);
+    report.close_codes = collected.close_codes;
+    report.foreign = Some(collected.foreign);
+    report.errors.extend(collected.errors);
+    report.server_rss_kib_max = max_opt(s.rss_max, report.server_rss_kib_after);
+    if let (Some(b), Some(a)) = (report.server_rss_kib_before, report.server_rss_kib_after) {
+        if report.connected > 0 {
+            report.rss_per_conn_bytes =
+                Some((a as f64 - b as f64) * 1024.0 / report.connected as f64);
+        }
+    }
+    Ok(report)
+}
