@@ -106,8 +106,11 @@ async fn finish(ws: &mut Ws, end: End, ctx: &SessionContext<'_>) {
 async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) -> End {
     let Membership { outbound } = membership;
     let config = ctx.config;
-    // Once shutdown begins we stop reading and only drain what the hub has
-    // already queued for us; the hub closes the queue when it is done.
+    // Once the hub stops taking messages (shutdown has begun) we stop
+    // reading and only drain what it already queued for us; it closes the
+    // queue when it is done. Sessions do not watch the shutdown token
+    // themselves: registering a waiter on it every time round the loop would
+    // take one lock shared by every peer, once per message delivered.
     let mut stopping = false;
 
     // One timer serves both the ping schedule and the idle deadline.
@@ -119,7 +122,6 @@ async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) ->
     loop {
         tokio::select! {
             biased;
-            _ = ctx.shutdown.cancelled(), if !stopping => stopping = true,
             next = outbound.recv() => {
                 let message = match next {
                     Recv::Message(m) => m,
@@ -164,6 +166,9 @@ async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) ->
                     stopping = true;
                 }
             }
+            // The timer is re-aimed only when it fires: hearing from the
+            // peer moves the idle deadline later, never earlier, so a timer
+            // that fires early just finds nothing due yet.
             _ = &mut timer => {
                 let now = Instant::now();
                 if !stopping && now >= last_heard + config.idle_timeout {
@@ -175,12 +180,8 @@ async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) ->
                         return End::Gone;
                     }
                 }
+                timer.as_mut().reset(next_ping.min(last_heard + config.idle_timeout));
             }
-        }
-        // Re-aim the timer at whichever comes first. Cheap when unchanged.
-        let due = next_ping.min(last_heard + config.idle_timeout);
-        if timer.deadline() != due {
-            timer.as_mut().reset(due);
         }
     }
 }
