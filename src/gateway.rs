@@ -8,8 +8,9 @@
 //! hyper (with any bytes the client sent early) and handed to tungstenite, so
 //! the WebSocket traffic runs on the bare socket.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -19,6 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
@@ -46,8 +48,13 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Starts the graceful path: stop accepting, stop reading, close with 1001.
     pub shutdown: CancellationToken,
-    /// Fired when the grace period is over: drop whatever is left.
+    /// Fired when the grace period is over: drop handshakes still running.
+    /// Sessions are aborted through their handles instead (see
+    /// [`Gateway::abort_sessions`]): a token would add a waiter to every
+    /// session and a shared lock to every poll of it.
     pub force: CancellationToken,
+    /// Abort handles of the running sessions, by connection id.
+    pub sessions: Mutex<HashMap<u64, AbortHandle>>,
     pub tracker: TaskTracker,
     /// The HTTP listener's address as a browser would type it, for the hint
     /// sent to plain HTTP requests that land on the WebSocket port.
@@ -107,8 +114,24 @@ impl Gateway {
         let Some(ws) = ws else { return };
         self.metrics.connection_result(ConnResult::Accepted);
         let span = tracing::Span::current();
-        self.tracker
+        // Registered under the lock before the task can run to its end and
+        // unregister itself, so no handle is left behind.
+        let mut sessions = self.sessions();
+        let task = self
+            .tracker
             .spawn(self.clone().session(ws, id, permit).instrument(span));
+        sessions.insert(id, task.abort_handle());
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AbortHandle>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends every session still open: the shutdown grace period is over.
+    pub fn abort_sessions(&self) {
+        for (_, task) in self.sessions().drain() {
+            task.abort();
+        }
     }
 
     /// A connected peer, until it is gone or the shutdown grace runs out.
@@ -125,10 +148,8 @@ impl Gateway {
             metrics: &self.metrics,
             shutdown: &self.shutdown,
         };
-        tokio::select! {
-            _ = self.force.cancelled() => debug!("dropped at the end of the shutdown grace period"),
-            _ = session::run(&mut ws, ctx) => {}
-        }
+        session::run(&mut ws, ctx).await;
+        self.sessions().remove(&id);
     }
 
     /// Runs the HTTP part of the connection through hyper. Returns the

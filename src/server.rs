@@ -118,8 +118,9 @@ impl Server {
             force: force.clone(),
             tracker: tracker.clone(),
             page_url: page_url.clone(),
+            sessions: Default::default(),
         });
-        let ws_task = tokio::spawn(gateway.serve(ws));
+        let ws_task = tokio::spawn(gateway.clone().serve(ws));
 
         let app = http::router(page, metrics.clone());
         let http_task = tokio::spawn(http::serve(
@@ -154,6 +155,7 @@ impl Server {
                 "shutdown grace period over, dropping remaining connections"
             );
             force.cancel();
+            gateway.abort_sessions();
             tracker.wait().await;
         }
         info!(peers_closed = open, "stopped");

@@ -88,3 +88,38 @@ async fn a_peer_that_ignores_the_close_frame_does_not_hold_shutdown_past_the_gra
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+#[tokio::test]
+async fn a_peer_stuck_on_a_full_socket_is_dropped_when_the_grace_runs_out() {
+    let server = TestServer::start(Config {
+        shutdown_grace: Duration::from_millis(500),
+        // Large enough that the stuck peer is never kicked as a slow consumer.
+        send_queue: 100_000,
+        ..Config::ephemeral()
+    })
+    .await;
+    // Never reads: its socket buffers fill up and the server's write to it
+    // blocks with messages still queued.
+    let _stuck = server.connect().await;
+    let mut talker = server.connect().await;
+    server.wait_metric("hubbub_connections", 2).await;
+    let body = "z".repeat(60 * 1024);
+    for _ in 0..300 {
+        send_text(&mut talker, &body).await;
+        assert_eq!(next_text(&mut talker).await.len(), body.len());
+    }
+    assert_eq!(
+        server
+            .metric("hubbub_slow_consumer_disconnects_total")
+            .await,
+        0
+    );
+    let started = tokio::time::Instant::now();
+    let stop = tokio::spawn(server.shutdown());
+    let (frame, _) = expect_close(&mut talker).await;
+    assert_eq!(frame.code, CloseCode::Away);
+    drop(talker);
+    stop.await.expect("join").expect("run returns Ok");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+}
