@@ -15,6 +15,14 @@
 #               (default 18081, so 18081..18090 for the full run)
 #   BENCH_ARGS  extra flags for every hubbub-bench run (e.g. "--threads 2")
 #   SLOW_ARGS   extra flags for the slow-consumer run (default "--slow-rcvbuf 4096")
+#   SLOW_SIZE, SLOW_DURATION
+#               message size and seconds of the slow-consumer run (default 64
+#               and DURATION). At 64 B the 50 non-readers receive ~6.6 KB/s
+#               each, which the server's kernel send buffer (up to 4 MB on
+#               loopback) absorbs for minutes, so the server's own slow-consumer
+#               handling is only reached with bigger messages or longer runs,
+#               e.g. SLOW_SIZE=4096 SLOW_DURATION=20. When they differ from
+#               fanout-1000, a twin run with no slow client (slow-0) is added.
 #   HUBBUB_ARGS extra flags for hubbub
 #   QUIET_MAX   before each run, wait until other work uses at most this much
 #               CPU (% of one core, default 25) ...
@@ -34,6 +42,8 @@ DURATION=${DURATION:-10}
 PORT=${PORT:-18081}
 BENCH_ARGS=${BENCH_ARGS:-}
 SLOW_ARGS=${SLOW_ARGS:---slow-rcvbuf 4096}
+SLOW_SIZE=${SLOW_SIZE:-64}
+SLOW_DURATION=${SLOW_DURATION:-$DURATION}
 HUBBUB_ARGS=${HUBBUB_ARGS:-}
 QUIET_MAX=${QUIET_MAX:-25}
 QUIET_WAIT=${QUIET_WAIT:-120}
@@ -174,8 +184,18 @@ for name in $SERVERS; do
             idle-10000)
                 run_bench "$name" "$scenario" idle -n 10000 --hold 5 ;;
             slow-50)
+                if [[ $SLOW_SIZE != 64 || $SLOW_DURATION != "$DURATION" || $SCENARIOS != *fanout-1000* ]]; then
+                    # The same run with no slow client, to judge this one against.
+                    run_bench "$name" slow-0 fanout -n 1000 -s 5 -r 20 -b "$SLOW_SIZE" -d "$SLOW_DURATION"
+                    cleanup
+                    sleep 1
+                    wait_quiet
+                    start_server "$name" "$scenario"
+                    sleep 0.5
+                fi
                 # shellcheck disable=SC2086
-                run_bench "$name" "$scenario" fanout -n 1000 -s 5 -r 20 -b 64 -d "$DURATION" --slow 50 $SLOW_ARGS ;;
+                run_bench "$name" "$scenario" fanout -n 1000 -s 5 -r 20 -b "$SLOW_SIZE" -d "$SLOW_DURATION" \
+                    --slow 50 $SLOW_ARGS ;;
             *)
                 log "unknown scenario $scenario"; exit 1 ;;
         esac
@@ -188,7 +208,7 @@ cp "$RESULTS" "$OUT_DIR/compare-latest.jsonl"
 {
     echo "hubbub-bench compare, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r)"
-    echo "command: bench/compare.sh (SERVERS=\"$SERVERS\" DURATION=$DURATION BENCH_ARGS=\"$BENCH_ARGS\" SLOW_ARGS=\"$SLOW_ARGS\")"
+    echo "command: bench/compare.sh (SERVERS=\"$SERVERS\" DURATION=$DURATION BENCH_ARGS=\"$BENCH_ARGS\" SLOW_ARGS=\"$SLOW_ARGS\" SLOW_SIZE=$SLOW_SIZE SLOW_DURATION=$SLOW_DURATION)"
     echo
     subject=$(echo "$SERVERS" | awk '{print $1}')
     baseline=$(echo "$SERVERS" | awk '{print $2}')

@@ -128,6 +128,11 @@ struct SaturateArgs {
     /// Unconfirmed messages allowed per sender.
     #[arg(short = 'w', long, default_value_t = 16)]
     window: u64,
+    /// Senders pause while the slowest reader is this many messages behind
+    /// all that was sent (keeps readers from being cut off as slow
+    /// consumers by a server with bounded queues; 0 = no limit).
+    #[arg(long, default_value_t = 200)]
+    max_lag: u64,
     /// Seconds of sending before the measurement starts.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
@@ -248,6 +253,7 @@ fn main() -> anyhow::Result<()> {
                 senders: a.senders,
                 size: a.size,
                 window: a.window,
+                max_lag: a.max_lag,
                 warmup: secs(a.warmup, "--warmup")?,
                 duration: secs(a.duration, "--duration")?,
                 drain: secs(a.drain, "--drain")?,

@@ -37,6 +37,9 @@ pub struct Report {
     /// Unconfirmed messages each sender may have in flight (saturate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<u64>,
+    /// Saturate: senders pause while the slowest reader is this many messages behind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag: Option<u64>,
     /// Message size, bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
@@ -186,6 +189,10 @@ impl Report {
         ));
         rows.push(("rate per sender", opt(self.rate, |r| format!("{r} msg/s"))));
         rows.push(("window per sender", opt(self.window, thousands)));
+        rows.push((
+            "max reader lag",
+            opt(self.max_lag, |l| format!("{} messages", thousands(l))),
+        ));
         rows.push(("message size", opt(self.size, |s| format!("{s} B"))));
         rows.push(("measured", Some(format!("{:.2} s", self.measured_secs))));
         rows.push(("sent", opt(self.sent, thousands)));

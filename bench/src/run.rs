@@ -88,6 +88,9 @@ pub struct SaturateCfg {
     pub senders: usize,
     pub size: usize,
     pub window: u64,
+    /// No sender writes while the slowest reader is this many messages
+    /// behind everything sent (0 = no limit).
+    pub max_lag: u64,
     pub warmup: Duration,
     pub duration: Duration,
     pub drain: Duration,
@@ -347,8 +350,63 @@ async fn paced_writer(
     Ok(seq)
 }
 
+/// Saturate's guard against readers falling behind: the senders together
+/// may be at most `max_lag` messages ahead of the slowest open reader.
+/// Without it a reader the tool serves late would pile up messages in the
+/// server until a server with a bounded per-peer queue (as it should have)
+/// disconnects it, and the run would measure that instead of throughput.
+#[derive(Debug)]
+struct LagGate {
+    max_lag: u64,
+    /// Messages written by all senders.
+    sent_total: AtomicU64,
+    /// Distinct messages received by the slowest open reader.
+    min_received: AtomicU64,
+    /// Wakes blocked senders when `min_received` moves.
+    moved: Notify,
+}
+
+impl LagGate {
+    /// How many more messages may be sent now.
+    fn allowance(&self) -> u64 {
+        if self.max_lag == 0 {
+            return u64::MAX;
+        }
+        let ahead = self
+            .sent_total
+            .load(Ordering::Acquire)
+            .saturating_sub(self.min_received.load(Ordering::Acquire));
+        self.max_lag.saturating_sub(ahead)
+    }
+
+    /// Recomputes the slowest reader's count every millisecond until `stop`.
+    async fn watch(self: Arc<Self>, readers: Vec<Arc<Shared>>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last = 0;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tick.tick() => {}
+            }
+            let min = readers
+                .iter()
+                .filter(|r| !r.closed.load(Ordering::Relaxed))
+                .map(|r| r.received.load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(u64::MAX);
+            if min != last {
+                last = min;
+                self.min_received.store(min, Ordering::Release);
+                self.moved.notify_waiters();
+            }
+        }
+    }
+}
+
 /// Sends as fast as the server takes messages, keeping at most `window` of
-/// this sender's messages unconfirmed (not yet echoed back to it).
+/// this sender's messages unconfirmed (not yet echoed back to it), and
+/// within the lag gate.
 #[allow(clippy::too_many_arguments)]
 async fn windowed_writer(
     wr: Writer,
@@ -357,6 +415,7 @@ async fn windowed_writer(
     epoch: Instant,
     size: usize,
     window: u64,
+    gate: Arc<LagGate>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<u64, String> {
@@ -377,20 +436,25 @@ async fn windowed_writer(
         if *stop.borrow() || shared.closed.load(Ordering::Relaxed) {
             break;
         }
-        let notified = shared.confirm.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        // Register for both wake-ups before checking, so none is missed.
+        let confirmed_moved = shared.confirm.notified();
+        let gate_moved = gate.moved.notified();
+        tokio::pin!(confirmed_moved, gate_moved);
+        confirmed_moved.as_mut().enable();
+        gate_moved.as_mut().enable();
         let confirmed = shared.confirmed.load(Ordering::Acquire);
         let in_flight = seq.saturating_sub(confirmed);
-        if in_flight < window {
-            // Fill the window and write it in one go.
+        let n = window.saturating_sub(in_flight).min(gate.allowance());
+        if n > 0 {
+            // Send all the window allows in one write.
             out.clear();
             let ts = now_ns(epoch);
-            for _ in in_flight..window {
+            for _ in 0..n {
                 payload::restamp(&mut body, seq, ts);
                 frame::encode_frame(&mut out, frame::OP_TEXT, &body, masks.next_mask());
                 seq += 1;
             }
+            gate.sent_total.fetch_add(n, Ordering::AcqRel);
             if let Err(e) = wr.lock().await.write_all(&out).await {
                 return Err(format!("send: {e}"));
             }
@@ -400,7 +464,8 @@ async fn windowed_writer(
         tokio::select! {
             biased;
             _ = stop.changed() => break,
-            _ = &mut notified => {}
+            _ = &mut confirmed_moved => {}
+            _ = &mut gate_moved => {}
         }
     }
     Ok(seq)
@@ -973,6 +1038,7 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     let mut report = base_report("saturate", common, cfg.clients);
     report.senders = Some(cfg.senders as u64);
     report.window = Some(cfg.window);
+    report.max_lag = (cfg.max_lag > 0).then_some(cfg.max_lag);
     report.size = Some(cfg.size as u64);
 
     let epoch = Instant::now();
@@ -1011,6 +1077,15 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
         measuring.clone(),
         stop_readers.clone(),
     );
+    let gate = Arc::new(LagGate {
+        max_lag: cfg.max_lag,
+        sent_total: AtomicU64::new(0),
+        min_received: AtomicU64::new(0),
+        moved: Notify::new(),
+    });
+    if cfg.max_lag > 0 {
+        tokio::spawn(gate.clone().watch(readers.clone(), stop_senders.clone()));
+    }
     let writers: Vec<_> = clients
         .iter()
         .take(cfg.senders)
@@ -1023,6 +1098,7 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
                 epoch,
                 cfg.size,
                 cfg.window,
+                gate.clone(),
                 c.shared.clone(),
                 stop_senders.clone(),
             ))
@@ -1153,4 +1229,59 @@ pub async fn idle(common: &Common, cfg: &IdleCfg) -> anyhow::Result<Report> {
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(max_lag: u64, sent: u64, min_received: u64) -> LagGate {
+        LagGate {
+            max_lag,
+            sent_total: AtomicU64::new(sent),
+            min_received: AtomicU64::new(min_received),
+            moved: Notify::new(),
+        }
+    }
+
+    #[test]
+    fn lag_gate_allowance() {
+        assert_eq!(gate(200, 0, 0).allowance(), 200);
+        assert_eq!(gate(200, 150, 0).allowance(), 50);
+        assert_eq!(gate(200, 250, 100).allowance(), 50);
+        assert_eq!(gate(200, 300, 100).allowance(), 0);
+        assert_eq!(gate(200, 400, 100).allowance(), 0, "never negative");
+        // No open reader left: nothing to wait for.
+        assert_eq!(gate(200, 400, u64::MAX).allowance(), 200);
+        assert_eq!(gate(0, 1_000_000, 0).allowance(), u64::MAX, "0 = no limit");
+    }
+
+    #[tokio::test]
+    async fn lag_gate_tracks_the_slowest_open_reader() {
+        let readers: Vec<Arc<Shared>> = (0..3).map(|_| Arc::new(Shared::default())).collect();
+        readers[0].received.store(50, Ordering::Relaxed);
+        readers[1].received.store(10, Ordering::Relaxed);
+        readers[2].received.store(70, Ordering::Relaxed);
+        let g = Arc::new(gate(100, 120, 0));
+        let (tx, rx) = watch::channel(false);
+        let moved = g.moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        let task = tokio::spawn(g.clone().watch(readers.clone(), rx));
+        tokio::time::timeout(Duration::from_secs(5), &mut moved)
+            .await
+            .unwrap();
+        assert_eq!(g.min_received.load(Ordering::Relaxed), 10);
+        assert_eq!(g.allowance(), 0); // 120 sent, slowest at 10: 110 behind
+                                      // The slowest reader is closed by the server: it no longer holds senders back.
+        readers[1].closed.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while g.min_received.load(Ordering::Relaxed) != 50 {
+            assert!(Instant::now() < deadline, "gate did not move");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(g.allowance(), 30);
+        tx.send(true).unwrap();
+        task.await.unwrap();
+    }
 }

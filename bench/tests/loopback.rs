@@ -180,6 +180,7 @@ async fn saturate_keeps_counts_consistent() {
         senders: 2,
         size: 64,
         window: 4,
+        max_lag: 6,
         warmup: Duration::from_millis(100),
         duration: Duration::from_millis(500),
         drain: Duration::from_secs(5),
