@@ -10,10 +10,12 @@
 //! every separate future, lock or timer here would be paid for by every one
 //! of tens of thousands of mostly idle peers.
 
-use std::sync::Arc;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
@@ -25,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::Config;
-use crate::hub::{HubHandle, Kick, Membership, PeerId};
+use crate::hub::{HubHandle, Kick, Membership, Outgoing, PeerId};
 use crate::metrics::Metrics;
 use crate::queue::{self, Recv};
 
@@ -187,23 +189,40 @@ async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) ->
 }
 
 /// Writes `first` and whatever else is already queued, then flushes once.
+///
+/// Written against the `Sink` poll methods rather than `feed().await`: a
+/// message is taken off the queue only once the socket can take it, so the
+/// state kept while a slow socket blocks is one pointer, not a whole
+/// `Message` per pending send.
 async fn write_batch(
     ws: &mut Ws,
     outbound: &queue::Receiver,
-    first: Arc<Message>,
+    first: Outgoing,
     metrics: &Metrics,
 ) -> Result<(), WsError> {
-    let mut count = 1u64;
-    let mut bytes = first.len() as u64;
-    ws.feed(Message::clone(&first)).await?;
-    drop(first);
-    while count < MAX_BATCH as u64 {
-        let Some(m) = outbound.try_recv() else { break };
-        count += 1;
-        bytes += m.len() as u64;
-        ws.feed(Message::clone(&m)).await?;
-    }
-    ws.flush().await?;
+    let mut next = Some(first);
+    let (mut count, mut bytes) = (0u64, 0u64);
+    poll_fn(|cx| {
+        while let Some(message) = next.take().or_else(|| {
+            (count < MAX_BATCH as u64)
+                .then(|| outbound.try_recv())
+                .flatten()
+        }) {
+            match Pin::new(&mut *ws).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    next = Some(message);
+                    return Poll::Pending;
+                }
+            }
+            count += 1;
+            bytes += message.len() as u64;
+            Pin::new(&mut *ws).start_send(Message::clone(&message))?;
+        }
+        Pin::new(&mut *ws).poll_flush(cx)
+    })
+    .await?;
     metrics.delivered(count, bytes);
     Ok(())
 }
