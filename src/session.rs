@@ -178,7 +178,12 @@ async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) ->
                 }
                 if now >= next_ping {
                     next_ping = now + config.ping_interval;
-                    if Box::pin(ws.send(Message::Ping(Bytes::new()))).await.is_err() {
+                    // Like any write, a ping can stall on a full socket.
+                    let sent = tokio::select! {
+                        r = Box::pin(ws.send(Message::Ping(Bytes::new()))) => r,
+                        kick = outbound.kicked() => return End::Close(kick_frame(kick)),
+                    };
+                    if sent.is_err() {
                         return End::Gone;
                     }
                 }
