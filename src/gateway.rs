@@ -135,21 +135,29 @@ impl Gateway {
     }
 
     /// A connected peer, until it is gone or the shutdown grace runs out.
-    async fn session(
+    ///
+    /// A plain function returning an `async move` block rather than an
+    /// `async fn`: the block uses the WebSocket where it was captured, while
+    /// an `async fn` keeps its arguments and their working copies apart, and
+    /// this future is what every idle peer's task is made of.
+    fn session(
         self: Arc<Self>,
         mut ws: WebSocketStream<TcpStream>,
         id: u64,
-        _permit: OwnedSemaphorePermit,
-    ) {
-        let ctx = SessionContext {
-            id,
-            config: &self.config,
-            hub: &self.hub,
-            metrics: &self.metrics,
-            shutdown: &self.shutdown,
-        };
-        session::run(&mut ws, ctx).await;
-        self.sessions().remove(&id);
+        permit: OwnedSemaphorePermit,
+    ) -> impl std::future::Future<Output = ()> {
+        async move {
+            let ctx = SessionContext {
+                id,
+                config: &self.config,
+                hub: &self.hub,
+                metrics: &self.metrics,
+                shutdown: &self.shutdown,
+            };
+            session::run(&mut ws, ctx).await;
+            self.sessions().remove(&id);
+            drop(permit);
+        }
     }
 
     /// Runs the HTTP part of the connection through hyper. Returns the
