@@ -140,6 +140,7 @@ impl Gateway {
     /// `async fn`: the block uses the WebSocket where it was captured, while
     /// an `async fn` keeps its arguments and their working copies apart, and
     /// this future is what every idle peer's task is made of.
+    #[allow(clippy::manual_async_fn)]
     fn session(
         self: Arc<Self>,
         mut ws: WebSocketStream<TcpStream>,
