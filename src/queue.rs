@@ -137,7 +137,7 @@ impl Receiver {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Recv> {
+    pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Recv> {
         let mut inner = self.shared.lock();
         if let State::Kicked(kick) = inner.state {
             return Poll::Ready(Recv::Kicked(kick));
@@ -161,19 +161,21 @@ impl Receiver {
         pop(&mut inner)
     }
 
-    /// Completes when the hub kicks this peer. Meant to race a write that may
-    /// stall; it shares the waker slot with `recv`, which is fine because a
-    /// session never waits on both at once.
+    /// Ready once the hub kicks this peer. Meant to be polled while a write
+    /// may stall; it shares the waker slot with `poll_recv`, which is fine
+    /// because a session never waits on both at once.
+    pub fn poll_kicked(&self, cx: &mut Context<'_>) -> Poll<Kick> {
+        let mut inner = self.shared.lock();
+        if let State::Kicked(kick) = inner.state {
+            return Poll::Ready(kick);
+        }
+        register(&mut inner, cx);
+        Poll::Pending
+    }
+
+    /// Completes when the hub kicks this peer.
     pub async fn kicked(&self) -> Kick {
-        poll_fn(|cx| {
-            let mut inner = self.shared.lock();
-            if let State::Kicked(kick) = inner.state {
-                return Poll::Ready(kick);
-            }
-            register(&mut inner, cx);
-            Poll::Pending
-        })
-        .await
+        poll_fn(|cx| self.poll_kicked(cx)).await
     }
 }
 

@@ -10,14 +10,14 @@
 //! every separate future, lock or timer here would be paid for by every one
 //! of tens of thousands of mostly idle peers.
 
-use std::future::poll_fn;
+use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use futures_util::{Sink, SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::Config;
-use crate::hub::{HubHandle, Kick, Membership, Outgoing, PeerId};
+use crate::hub::{HubClosed, HubHandle, Kick, Membership, Outgoing, PeerId};
 use crate::metrics::Metrics;
 use crate::queue::{self, Recv};
 
@@ -66,7 +66,23 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
     let Some(membership) = Box::pin(start(ws, &ctx)).await else {
         return;
     };
-    let end = serve(ws, membership, &ctx).await;
+    let Membership { outbound } = membership;
+    let config = ctx.config;
+    let last_heard = Instant::now();
+    let next_ping = last_heard + config.ping_interval;
+    let timer = sleep_until(next_ping.min(last_heard + config.idle_timeout));
+    tokio::pin!(timer);
+    let end = Serve {
+        ws,
+        outbound,
+        ctx: &ctx,
+        timer,
+        last_heard,
+        next_ping,
+        stopping: false,
+        step: Step::Idle,
+    }
+    .await;
     Box::pin(finish(ws, end, &ctx)).await;
 }
 
@@ -104,132 +120,199 @@ async fn finish(ws: &mut Ws, end: End, ctx: &SessionContext<'_>) {
     }
 }
 
-/// The session loop proper.
-async fn serve(ws: &mut Ws, membership: Membership, ctx: &SessionContext<'_>) -> End {
-    let Membership { outbound } = membership;
-    let config = ctx.config;
-    // Once the hub stops taking messages (shutdown has begun) we stop
-    // reading and only drain what it already queued for us; it closes the
-    // queue when it is done. Sessions do not watch the shutdown token
-    // themselves: registering a waiter on it every time round the loop would
-    // take one lock shared by every peer, once per message delivered.
-    let mut stopping = false;
-
-    // One timer serves both the ping schedule and the idle deadline.
-    let mut last_heard = Instant::now();
-    let mut next_ping = last_heard + config.ping_interval;
-    let timer = sleep_until(next_ping.min(last_heard + config.idle_timeout));
-    tokio::pin!(timer);
-
-    loop {
-        tokio::select! {
-            biased;
-            next = outbound.recv() => {
-                let message = match next {
-                    Recv::Message(m) => m,
-                    Recv::Closed => return End::Close(going_away()),
-                    Recv::Kicked(kick) => return End::Close(kick_frame(kick)),
-                };
-                // A write can stall on a peer that stopped reading; the
-                // hub's kick must still get through.
-                let written = tokio::select! {
-                    r = write_batch(ws, &outbound, message, ctx.metrics) => r,
-                    kick = outbound.kicked() => return End::Close(kick_frame(kick)),
-                };
-                if written.is_err() {
-                    return End::Gone;
-                }
-            }
-            frame = ws.next(), if !stopping => {
-                last_heard = Instant::now();
-                let message = match frame {
-                    None => return End::Gone,
-                    Some(Err(e)) => return classify(e),
-                    Some(Ok(m)) => m,
-                };
-                match message {
-                    Message::Text(_) => {}
-                    Message::Binary(_) if config.allow_binary => {}
-                    Message::Binary(_) => {
-                        return End::Close(frame_of(
-                            CloseCode::Unsupported,
-                            "binary messages are not accepted",
-                        ))
-                    }
-                    // Any frame at all, pongs included, is a sign of life.
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-                    Message::Close(_) => return End::Gone,
-                }
-                ctx.metrics.message_received();
-                // Boxed, like the ping below: only the wait for the next
-                // event should count towards every idle peer's task size.
-                if Box::pin(ctx.hub.broadcast(message)).await.is_err() {
-                    // The hub stopped taking messages: shutdown has begun.
-                    stopping = true;
-                }
-            }
-            // The timer is re-aimed only when it fires: hearing from the
-            // peer moves the idle deadline later, never earlier, so a timer
-            // that fires early just finds nothing due yet.
-            _ = &mut timer => {
-                let now = Instant::now();
-                if !stopping && now >= last_heard + config.idle_timeout {
-                    return End::Close(frame_of(CloseCode::Away, "idle timeout"));
-                }
-                if now >= next_ping {
-                    next_ping = now + config.ping_interval;
-                    // Like any write, a ping can stall on a full socket.
-                    let sent = tokio::select! {
-                        r = Box::pin(ws.send(Message::Ping(Bytes::new()))) => r,
-                        kick = outbound.kicked() => return End::Close(kick_frame(kick)),
-                    };
-                    if sent.is_err() {
-                        return End::Gone;
-                    }
-                }
-                timer.as_mut().reset(next_ping.min(last_heard + config.idle_timeout));
-            }
-        }
-    }
+/// The session loop: everything that can happen to a connected peer.
+///
+/// Written out by hand rather than as an `async fn` with `select!`: this is
+/// the state every idle peer lives in, and a plain struct holds exactly what
+/// it needs (the timer, two deadlines and what the peer is in the middle of)
+/// where the generated state machine kept room for every branch's future at
+/// once.
+struct Serve<'a, 'c> {
+    ws: &'a mut Ws,
+    outbound: queue::Receiver,
+    ctx: &'a SessionContext<'c>,
+    /// One timer serves both the ping schedule and the idle deadline.
+    timer: Pin<&'a mut Sleep>,
+    last_heard: Instant,
+    next_ping: Instant,
+    /// Set once the hub stops taking messages (shutdown has begun): stop
+    /// reading and only drain what it already queued; it closes the queue
+    /// when it is done. Sessions do not watch the shutdown token themselves:
+    /// a waiter on it per peer would put one shared lock on every delivery.
+    stopping: bool,
+    step: Step<'a>,
 }
 
-/// Writes `first` and whatever else is already queued, then flushes once.
-///
-/// Written against the `Sink` poll methods rather than `feed().await`: a
-/// message is taken off the queue only once the socket can take it, so the
-/// state kept while a slow socket blocks is one pointer, not a whole
-/// `Message` per pending send.
-async fn write_batch(
-    ws: &mut Ws,
-    outbound: &queue::Receiver,
-    first: Outgoing,
-    metrics: &Metrics,
-) -> Result<(), WsError> {
-    let mut next = Some(first);
-    let (mut count, mut bytes) = (0u64, 0u64);
-    poll_fn(|cx| {
+/// What the session is in the middle of.
+enum Step<'a> {
+    /// Waiting for the next event.
+    Idle,
+    /// Writing what is queued (starting with `next`), then one flush.
+    Writing {
+        next: Option<Outgoing>,
+        count: u64,
+        bytes: u64,
+    },
+    /// Writing a ping, then a flush.
+    Pinging { sent: bool },
+    /// Handing a received message to the hub (boxed: it is short-lived and
+    /// would otherwise enlarge every idle peer).
+    Broadcasting(Pin<Box<dyn Future<Output = Result<(), HubClosed>> + Send + 'a>>),
+}
+
+impl<'a, 'c> Serve<'a, 'c> {
+    /// Takes one message off the socket, if there is one. `Some` ends the
+    /// session.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Option<End>> {
+        let frame = ready!(Pin::new(&mut *self.ws).poll_next(cx));
+        self.last_heard = Instant::now();
+        let message = match frame {
+            None => return Poll::Ready(Some(End::Gone)),
+            Some(Err(e)) => return Poll::Ready(Some(classify(e))),
+            Some(Ok(m)) => m,
+        };
+        match message {
+            Message::Text(_) => {}
+            Message::Binary(_) if self.ctx.config.allow_binary => {}
+            Message::Binary(_) => {
+                return Poll::Ready(Some(End::Close(frame_of(
+                    CloseCode::Unsupported,
+                    "binary messages are not accepted",
+                ))))
+            }
+            // Any frame at all, pongs included, is a sign of life.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Poll::Ready(None),
+            Message::Close(_) => return Poll::Ready(Some(End::Gone)),
+        }
+        self.ctx.metrics.message_received();
+        let hub: &'a HubHandle = self.ctx.hub;
+        self.step = Step::Broadcasting(Box::pin(hub.broadcast(message)));
+        Poll::Ready(None)
+    }
+
+    /// Writes the current batch; `Ready(Ok)` once it is flushed.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        let Step::Writing { next, count, bytes } = &mut self.step else {
+            return Poll::Ready(Ok(()));
+        };
+        // A message is taken off the queue only once the socket can take it.
         while let Some(message) = next.take().or_else(|| {
-            (count < MAX_BATCH as u64)
-                .then(|| outbound.try_recv())
+            (*count < MAX_BATCH as u64)
+                .then(|| self.outbound.try_recv())
                 .flatten()
         }) {
-            match Pin::new(&mut *ws).poll_ready(cx) {
+            match Pin::new(&mut *self.ws).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    next = Some(message);
+                    *next = Some(message);
                     return Poll::Pending;
                 }
             }
-            count += 1;
-            bytes += message.len() as u64;
-            Pin::new(&mut *ws).start_send(Message::clone(&message))?;
+            *count += 1;
+            *bytes += message.len() as u64;
+            Pin::new(&mut *self.ws).start_send(Message::clone(&message))?;
         }
-        Pin::new(&mut *ws).poll_flush(cx)
-    })
-    .await?;
-    metrics.delivered(count, bytes);
-    Ok(())
+        ready!(Pin::new(&mut *self.ws).poll_flush(cx))?;
+        self.ctx.metrics.delivered(*count, *bytes);
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_ping(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        let Step::Pinging { sent } = &mut self.step else {
+            return Poll::Ready(Ok(()));
+        };
+        if !*sent {
+            ready!(Pin::new(&mut *self.ws).poll_ready(cx))?;
+            Pin::new(&mut *self.ws).start_send(Message::Ping(Bytes::new()))?;
+            *sent = true;
+        }
+        Pin::new(&mut *self.ws).poll_flush(cx)
+    }
+
+    /// The ping/idle timer fired: close an idle peer, or start a ping.
+    fn on_timer(&mut self) -> Option<End> {
+        let config = self.ctx.config;
+        let now = Instant::now();
+        if !self.stopping && now >= self.last_heard + config.idle_timeout {
+            return Some(End::Close(frame_of(CloseCode::Away, "idle timeout")));
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + config.ping_interval;
+            self.step = Step::Pinging { sent: false };
+        }
+        // Re-aimed only here: hearing from the peer moves the idle deadline
+        // later, never earlier, so a timer that fires early finds nothing due.
+        let due = self.next_ping.min(self.last_heard + config.idle_timeout);
+        self.timer.as_mut().reset(due);
+        None
+    }
+}
+
+impl Future for Serve<'_, '_> {
+    type Output = End;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.step {
+                Step::Writing { .. } | Step::Pinging { .. } => {
+                    // A write can stall on a peer that stopped reading; the
+                    // hub's kick must still get through.
+                    if let Poll::Ready(kick) = this.outbound.poll_kicked(cx) {
+                        return Poll::Ready(End::Close(kick_frame(kick)));
+                    }
+                    let written = if matches!(this.step, Step::Writing { .. }) {
+                        ready!(this.poll_write(cx))
+                    } else {
+                        ready!(this.poll_ping(cx))
+                    };
+                    if written.is_err() {
+                        return Poll::Ready(End::Gone);
+                    }
+                    this.step = Step::Idle;
+                }
+                Step::Broadcasting(send) => {
+                    if ready!(send.as_mut().poll(cx)).is_err() {
+                        // The hub stopped taking messages: shutdown has begun.
+                        this.stopping = true;
+                    }
+                    this.step = Step::Idle;
+                }
+                Step::Idle => {
+                    // The queue first: delivering to this peer frees hub
+                    // capacity; reading from it adds work.
+                    match this.outbound.poll_recv(cx) {
+                        Poll::Ready(Recv::Message(m)) => {
+                            this.step = Step::Writing {
+                                next: Some(m),
+                                count: 0,
+                                bytes: 0,
+                            };
+                            continue;
+                        }
+                        Poll::Ready(Recv::Closed) => return Poll::Ready(End::Close(going_away())),
+                        Poll::Ready(Recv::Kicked(kick)) => {
+                            return Poll::Ready(End::Close(kick_frame(kick)))
+                        }
+                        Poll::Pending => {}
+                    }
+                    if !this.stopping {
+                        if let Poll::Ready(end) = this.poll_read(cx) {
+                            match end {
+                                Some(end) => return Poll::Ready(end),
+                                None => continue,
+                            }
+                        }
+                    }
+                    ready!(this.timer.as_mut().poll(cx));
+                    if let Some(end) = this.on_timer() {
+                        return Poll::Ready(end);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Sends our close frame, then waits for the peer's reply so the closing
