@@ -2,8 +2,8 @@
 //!
 //! A session is a single loop over everything that can happen to a peer: a
 //! frame arrives, the hub queues a message, the hub kicks the peer, the
-//! ping/idle timer fires, or the server starts shutting down. Whichever comes
-//! first is handled, and the outcome decides the close code.
+//! ping/idle timer fires, or the hub stops (the server is shutting down).
+//! Whichever comes first is handled, and the outcome decides the close code.
 //!
 //! One loop in one task, with one timer and an unsplit WebSocket, is
 //! deliberate: an idle peer should cost as little memory as possible, and
