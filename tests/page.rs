@@ -4,10 +4,13 @@
 //! it loads nothing from anywhere else. `tests/browser.rs` checks the same
 //! page in a real browser.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
+use common::TestServer;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper::header::{self, HeaderMap};
@@ -15,42 +18,8 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 
 const LIMIT: Duration = Duration::from_secs(10);
-
-struct Running {
-    http: SocketAddr,
-    ws: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), hubbub::Error>>,
-}
-
-impl Running {
-    async fn start(config: hubbub::Config) -> Running {
-        let server = hubbub::Server::bind(config).await.expect("bind");
-        let (http, ws) = (server.http_addr(), server.ws_addr());
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            rx.await.ok();
-        }));
-        Running {
-            http,
-            ws,
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).ok();
-        tokio::time::timeout(LIMIT, &mut self.task)
-            .await
-            .expect("server stops in time")
-            .expect("server task")
-            .expect("server run");
-    }
-}
 
 struct Response {
     status: StatusCode,
@@ -153,7 +122,7 @@ async fn page_names_the_websocket_url_for_the_host_used() {
         max_message_bytes: 12_345,
         ..hubbub::Config::ephemeral()
     };
-    let server = Running::start(config).await;
+    let server = TestServer::start(config).await;
     let (http_port, ws_port) = (server.http.port(), server.ws.port());
 
     for host in ["127.0.0.1", "localhost", "chat.lan"] {
@@ -179,12 +148,12 @@ async fn page_names_the_websocket_url_for_the_host_used() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(meta(&r.body, "hubbub-ws-url"), "");
     assert!(!r.body.contains("<b>y"));
-    server.stop().await;
+    server.shutdown().await.expect("server run");
 }
 
 #[tokio::test]
 async fn csp_allows_exactly_the_inline_code_served() {
-    let server = Running::start(hubbub::Config::ephemeral()).await;
+    let server = TestServer::start(hubbub::Config::ephemeral()).await;
     let host = format!("127.0.0.1:{}", server.http.port());
     let r = get(server.http, &host, "/").await;
     assert_eq!(r.header(header::X_CONTENT_TYPE_OPTIONS), "nosniff");
@@ -210,12 +179,12 @@ async fn csp_allows_exactly_the_inline_code_served() {
     for block in scripts.iter().chain(&styles) {
         assert!(!block.contains("__HUBBUB_"));
     }
-    server.stop().await;
+    server.shutdown().await.expect("server run");
 }
 
 #[tokio::test]
 async fn page_is_self_contained() {
-    let server = Running::start(hubbub::Config::ephemeral()).await;
+    let server = TestServer::start(hubbub::Config::ephemeral()).await;
     let host = format!("127.0.0.1:{}", server.http.port());
     let body = get(server.http, &host, "/").await.body;
     let lower = body.to_ascii_lowercase();
@@ -270,7 +239,7 @@ async fn page_is_self_contained() {
         !lower.contains("innerhtml"),
         "messages are rendered as text"
     );
-    server.stop().await;
+    server.shutdown().await.expect("server run");
 }
 
 #[tokio::test]
@@ -280,7 +249,7 @@ async fn public_ws_url_overrides_the_host() {
         public_ws_url: Some(url.to_string()),
         ..hubbub::Config::ephemeral()
     };
-    let server = Running::start(config).await;
+    let server = TestServer::start(config).await;
     let r = get(
         server.http,
         &format!("127.0.0.1:{}", server.http.port()),
@@ -293,5 +262,5 @@ async fn public_ws_url_overrides_the_host() {
         directive(csp, "connect-src"),
         ["'self'", "wss://chat.example.com"]
     );
-    server.stop().await;
+    server.shutdown().await.expect("server run");
 }
