@@ -10,7 +10,6 @@
 //! lock is held for a push or a pop, never across an await.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -133,10 +132,6 @@ impl Drop for Sender {
 
 impl Receiver {
     /// The next message, or why there will be none.
-    pub async fn recv(&self) -> Recv {
-        poll_fn(|cx| self.poll_recv(cx)).await
-    }
-
     pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Recv> {
         let mut inner = self.shared.lock();
         if let State::Kicked(kick) = inner.state {
@@ -172,11 +167,6 @@ impl Receiver {
         register(&mut inner, cx);
         Poll::Pending
     }
-
-    /// Completes when the hub kicks this peer.
-    pub async fn kicked(&self) -> Kick {
-        poll_fn(|cx| self.poll_kicked(cx)).await
-    }
 }
 
 fn pop(inner: &mut Inner) -> Option<Outgoing> {
@@ -197,7 +187,12 @@ fn register(inner: &mut Inner, cx: &mut Context<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::poll_fn;
     use tokio_tungstenite::tungstenite::Message;
+
+    async fn recv(rx: &Receiver) -> Recv {
+        poll_fn(|cx| rx.poll_recv(cx)).await
+    }
 
     fn msg(s: &str) -> Outgoing {
         Arc::new(Message::text(s))
@@ -216,9 +211,9 @@ mod tests {
         tx.push(msg("a")).unwrap();
         tx.push(msg("b")).unwrap();
         drop(tx);
-        assert_eq!(text(rx.recv().await), "a");
-        assert_eq!(text(rx.recv().await), "b");
-        assert!(matches!(rx.recv().await, Recv::Closed));
+        assert_eq!(text(recv(&rx).await), "a");
+        assert_eq!(text(recv(&rx).await), "b");
+        assert!(matches!(recv(&rx).await, Recv::Closed));
     }
 
     #[tokio::test]
@@ -227,7 +222,7 @@ mod tests {
         tx.push(msg("1")).unwrap();
         tx.push(msg("2")).unwrap();
         assert!(tx.push(msg("3")).is_err());
-        assert_eq!(text(rx.recv().await), "1");
+        assert_eq!(text(recv(&rx).await), "1");
         tx.push(msg("3")).unwrap();
     }
 
@@ -236,15 +231,15 @@ mod tests {
         let (tx, rx) = bounded(4);
         tx.push(msg("a")).unwrap();
         tx.kick(Kick::SlowConsumer);
-        assert!(matches!(rx.recv().await, Recv::Kicked(Kick::SlowConsumer)));
+        assert!(matches!(recv(&rx).await, Recv::Kicked(Kick::SlowConsumer)));
         assert!(rx.try_recv().is_none());
-        assert_eq!(rx.kicked().await, Kick::SlowConsumer);
+        assert_eq!(poll_fn(|cx| rx.poll_kicked(cx)).await, Kick::SlowConsumer);
     }
 
     #[tokio::test]
     async fn a_waiting_receiver_is_woken() {
         let (tx, rx) = bounded(4);
-        let waiter = tokio::spawn(async move { text(rx.recv().await) });
+        let waiter = tokio::spawn(async move { text(recv(&rx).await) });
         tokio::task::yield_now().await;
         tx.push(msg("late")).unwrap();
         assert_eq!(waiter.await.unwrap(), "late");
