@@ -129,6 +129,8 @@ impl Hub {
         shutdown: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(BATCH);
+        let stop = shutdown.cancelled();
+        tokio::pin!(stop);
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut batch, BATCH) => {
@@ -139,7 +141,7 @@ impl Hub {
                         self.handle(command, &metrics);
                     }
                 }
-                _ = shutdown.cancelled() => {
+                _ = &mut stop => {
                     // Refuse anything new, but deliver what is already queued.
                     rx.close();
                     while let Some(command) = rx.recv().await {
