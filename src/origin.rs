@@ -94,7 +94,7 @@ fn split_origin(origin: &str) -> Option<(&str, u16)> {
 }
 
 /// `example.com:8081` -> `example.com`, `[::1]:8081` -> `[::1]`.
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     let host = host.trim();
     if let Some(end) = host.find(']') {
         return &host[..=end];

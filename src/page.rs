@@ -12,6 +12,8 @@ use std::path::Path;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
+use crate::origin::strip_port;
+
 /// The page built into the binary.
 pub const BUILTIN_PAGE: &str = include_str!("../static/client.html");
 
@@ -141,12 +143,7 @@ fn inline_hashes(html: &str, tag: &str) -> Vec<String> {
 
 /// The host part of a `Host` header, if it is a plain host name or address.
 fn host_name(host_header: &str) -> Option<&str> {
-    let h = host_header.trim();
-    let host = if let Some(end) = h.find(']') {
-        &h[..=end]
-    } else {
-        h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h)
-    };
+    let host = strip_port(host_header);
     let ok = !host.is_empty()
         && host
             .chars()

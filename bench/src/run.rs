@@ -132,6 +132,23 @@ struct ReaderCtx {
     track_latency: bool,
 }
 
+impl ReaderCtx {
+    /// A fresh run whose messages carry send timestamps from now on, as the
+    /// fanout and saturate modes send them.
+    fn timed(common: &Common, senders: usize, size: usize) -> ReaderCtx {
+        ReaderCtx {
+            epoch: Instant::now(),
+            run: run_tag(),
+            senders,
+            me: None,
+            size: Some(size),
+            read_buf: common.read_buf,
+            max_frame: common.max_frame,
+            track_latency: true,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct ReaderResult {
     tracker: SeqTracker,
@@ -614,6 +631,13 @@ impl Sampler {
     }
 }
 
+fn sum_sent(senders: &[Client]) -> u64 {
+    senders
+        .iter()
+        .map(|c| c.shared.sent.load(Ordering::Relaxed))
+        .sum()
+}
+
 fn sum_received(clients: &[Arc<Shared>]) -> u64 {
     clients
         .iter()
@@ -852,18 +876,8 @@ pub async fn fanout(common: &Common, cfg: &FanoutCfg) -> anyhow::Result<Report> 
     report.rate = Some(cfg.rate);
     report.size = Some(cfg.size as u64);
 
-    let epoch = Instant::now();
-    let run = run_tag();
-    let ctx = ReaderCtx {
-        epoch,
-        run,
-        senders: cfg.senders,
-        me: None,
-        size: Some(cfg.size),
-        read_buf: common.read_buf,
-        max_frame: common.max_frame,
-        track_latency: true,
-    };
+    let ctx = ReaderCtx::timed(common, cfg.senders, cfg.size);
+    let (epoch, run) = (ctx.epoch, ctx.run);
     let (stop_readers_tx, stop_readers) = watch::channel(false);
     let mut clients = connect_clients(
         common,
@@ -1041,18 +1055,8 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     report.max_lag = (cfg.max_lag > 0).then_some(cfg.max_lag);
     report.size = Some(cfg.size as u64);
 
-    let epoch = Instant::now();
-    let run = run_tag();
-    let ctx = ReaderCtx {
-        epoch,
-        run,
-        senders: cfg.senders,
-        me: None,
-        size: Some(cfg.size),
-        read_buf: common.read_buf,
-        max_frame: common.max_frame,
-        track_latency: true,
-    };
+    let ctx = ReaderCtx::timed(common, cfg.senders, cfg.size);
+    let (epoch, run) = (ctx.epoch, ctx.run);
     let (stop_readers_tx, stop_readers) = watch::channel(false);
     let mut clients = connect_clients(
         common,
@@ -1108,19 +1112,11 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     let cpu = CpuMark::now(common.server_pid);
     let t0 = Instant::now();
     let r0 = sum_received(&readers);
-    let s0: u64 = clients
-        .iter()
-        .take(cfg.senders)
-        .map(|c| c.shared.sent.load(Ordering::Relaxed))
-        .sum();
+    let s0 = sum_sent(&clients[..cfg.senders]);
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(cfg.duration).await;
     let r1 = sum_received(&readers);
-    let s1: u64 = clients
-        .iter()
-        .take(cfg.senders)
-        .map(|c| c.shared.sent.load(Ordering::Relaxed))
-        .sum();
+    let s1 = sum_sent(&clients[..cfg.senders]);
     let measured = t0.elapsed().as_secs_f64();
     measuring.store(false, Ordering::Relaxed);
     finish_cpu(&mut report, &cpu, common.server_pid);
