@@ -8,8 +8,13 @@
 #   DURATION=5 bench/compare.sh      # shorter measurement windows
 #
 # Environment:
-#   SERVERS     servers to run, in order (default "hubbub ws")
+#   SERVERS     servers to run, in order (default "hubbub ws floor"); "floor"
+#               is no server at all: `hubbub-bench floor` sends the fanout
+#               scenarios' messages straight to loopback sockets, the least
+#               latency any server could show on this machine
 #   SCENARIOS   subset of: fanout-100 fanout-1000 saturate-100 idle-10000 slow-50
+#               (floor runs only the two fanout scenarios)
+#   FLOOR_THREADS  sending threads of the floor run (default: the core count)
 #   DURATION    seconds measured per fanout/saturate run (default 10)
 #   PORT        first WebSocket port; each server start takes the next one
 #               (default 18081, so 18081..18090 for the full run)
@@ -36,7 +41,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-SERVERS=${SERVERS:-"hubbub ws"}
+SERVERS=${SERVERS:-"hubbub ws floor"}
 SCENARIOS=${SCENARIOS:-"fanout-100 fanout-1000 saturate-100 idle-10000 slow-50"}
 DURATION=${DURATION:-10}
 PORT=${PORT:-18081}
@@ -45,6 +50,7 @@ SLOW_ARGS=${SLOW_ARGS:---slow-rcvbuf 4096}
 SLOW_SIZE=${SLOW_SIZE:-64}
 SLOW_DURATION=${SLOW_DURATION:-$DURATION}
 HUBBUB_ARGS=${HUBBUB_ARGS:-}
+FLOOR_THREADS=${FLOOR_THREADS:-$(nproc)}
 QUIET_MAX=${QUIET_MAX:-25}
 QUIET_WAIT=${QUIET_WAIT:-120}
 OUT_DIR="$ROOT/target/bench"
@@ -169,8 +175,23 @@ run_bench() { # name scenario args...
         --label "$scenario" --json-out "$RESULTS" --no-progress $BENCH_ARGS >&2
 }
 
+# The floor: the same fan-out with no server (see `hubbub-bench floor --help`).
+run_floor() { # scenario args...
+    local scenario=$1; shift
+    log "$scenario with no server: hubbub-bench floor $*"
+    timeout 600 "$BENCH" floor "$@" -t "$FLOOR_THREADS" --server-name floor --label "$scenario" \
+        --json-out "$RESULTS" >&2
+}
+
 for name in $SERVERS; do
     for scenario in $SCENARIOS; do
+        if [[ $name == floor ]]; then
+            case $scenario in
+                fanout-100) wait_quiet; run_floor "$scenario" -n 100 -r 500 -b 64 -d "$DURATION" ;;
+                fanout-1000) wait_quiet; run_floor "$scenario" -n 1000 -r 100 -b 64 -d "$DURATION" ;;
+            esac
+            continue
+        fi
         wait_quiet
         start_server "$name" "$scenario"
         sleep 0.5

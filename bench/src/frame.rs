@@ -129,19 +129,32 @@ pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     }
 }
 
-/// Appends one complete, masked client frame (FIN set) to `out`.
-pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-    let len = payload.len();
+/// Appends a frame header (FIN set) for a payload of `len` bytes; `masked`
+/// sets the mask bit, whose key the caller appends.
+fn push_header(out: &mut Vec<u8>, opcode: u8, len: usize, masked: bool) {
+    let m = if masked { 0x80 } else { 0 };
     out.push(0x80 | (opcode & 0x0f));
     if len < 126 {
-        out.push(0x80 | len as u8);
+        out.push(m | len as u8);
     } else if len <= 0xffff {
-        out.push(0x80 | 126);
+        out.push(m | 126);
         out.extend_from_slice(&(len as u16).to_be_bytes());
     } else {
-        out.push(0x80 | 127);
+        out.push(m | 127);
         out.extend_from_slice(&(len as u64).to_be_bytes());
     }
+}
+
+/// Appends one complete, unmasked frame (FIN set) as a server sends it; the
+/// `floor` mode writes these straight to its sockets.
+pub fn encode_server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    push_header(out, opcode, payload.len(), false);
+    out.extend_from_slice(payload);
+}
+
+/// Appends one complete, masked client frame (FIN set) to `out`.
+pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    push_header(out, opcode, payload.len(), true);
     out.extend_from_slice(&mask);
     let start = out.len();
     out.extend_from_slice(payload);

@@ -1,12 +1,13 @@
 //! hubbub-bench: a load generator for broadcast WebSocket servers (every
 //! message a client sends reaches every connected client, sender included).
 //!
-//! The modes live in [`run`]; the pieces that decide what the numbers say
+//! The modes live in [`run`], and the server-less baseline in [`floor`]; the pieces that decide what the numbers say
 //! (message format, frame codec, loss/reorder accounting, percentiles) are
 //! separate modules with their own tests.
 
 pub mod compare;
 pub mod conn;
+pub mod floor;
 pub mod frame;
 pub mod latency;
 pub mod payload;

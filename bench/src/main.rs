@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use hubbub_bench::floor::{self, FloorCfg};
 use hubbub_bench::report::Report;
 use hubbub_bench::run::{self, Common, FanoutCfg, IdleCfg, SaturateCfg};
 use hubbub_bench::{compare, sys};
@@ -31,6 +32,10 @@ enum Mode {
     /// Opens N idle connections and holds them; with --server-pid reports
     /// the server's RSS per connection.
     Idle(IdleArgs),
+    /// The fan-out with no server: T threads write one frame to each of N
+    /// loopback sockets R times a second, one thread reads them all. Its
+    /// latency is the least any server could show on this machine.
+    Floor(FloorArgs),
     /// Prints a side-by-side table from JSON lines written with --json-out.
     Compare(CompareArgs),
 }
@@ -156,6 +161,40 @@ struct IdleArgs {
 }
 
 #[derive(Args, Debug)]
+struct FloorArgs {
+    /// Receiving sockets (N).
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    clients: usize,
+    /// Fan-outs per second, all threads together (R); each goes to all N.
+    #[arg(short = 'r', long, default_value_t = 100.0)]
+    rate: f64,
+    /// Payload bytes per message (B, at least 8).
+    #[arg(short = 'b', long, default_value_t = 64)]
+    size: usize,
+    /// Seconds of sending (D).
+    #[arg(short = 'd', long, default_value_t = 10.0)]
+    duration: f64,
+    /// Sending threads (T), each writing to its share of the sockets.
+    #[arg(short = 't', long = "send-threads", default_value_t = 1)]
+    send_threads: usize,
+    /// Seconds to wait for outstanding deliveries after the last fan-out.
+    #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+    /// Print the result as one JSON line on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Append the JSON line to this file (the table stays on stdout).
+    #[arg(long, value_name = "FILE")]
+    json_out: Option<PathBuf>,
+    /// Scenario name recorded in the JSON (used by `compare`).
+    #[arg(long)]
+    label: Option<String>,
+    /// Name recorded in the JSON's server field (used by `compare`).
+    #[arg(long = "server-name", default_value = "floor")]
+    server_name: String,
+}
+
+#[derive(Args, Debug)]
 struct CompareArgs {
     /// JSON-lines file(s) written with --json-out.
     #[arg(required = true)]
@@ -209,8 +248,16 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn emit(report: &Report, a: &CommonArgs) -> anyhow::Result<()> {
+    write_out(report, a.json, a.json_out.as_deref())
+}
+
+fn write_out(
+    report: &Report,
+    json: bool,
+    json_out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let line = report.to_json_line();
-    if let Some(path) = &a.json_out {
+    if let Some(path) = json_out {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -218,7 +265,7 @@ fn emit(report: &Report, a: &CommonArgs) -> anyhow::Result<()> {
             .with_context(|| format!("opening {}", path.display()))?;
         writeln!(f, "{line}")?;
     }
-    if a.json {
+    if json {
         eprint!("{}", report.to_table());
         println!("{line}");
     } else {
@@ -269,6 +316,21 @@ fn main() -> anyhow::Result<()> {
             };
             let report = runtime(common.threads)?.block_on(run::idle(&common, &cfg))?;
             emit(&report, &a.common)
+        }
+        Mode::Floor(a) => {
+            sys::raise_nofile_limit().context("raising the open-files limit")?;
+            let cfg = FloorCfg {
+                clients: a.clients,
+                threads: a.send_threads,
+                rate: a.rate,
+                size: a.size,
+                duration: secs(a.duration, "--duration")?,
+                drain: secs(a.drain, "--drain")?,
+            };
+            let mut report = floor::run(&cfg)?;
+            report.label = a.label;
+            report.server = Some(a.server_name);
+            write_out(&report, a.json, a.json_out.as_deref())
         }
         Mode::Compare(a) => {
             let mut runs = Vec::new();
