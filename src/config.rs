@@ -139,6 +139,22 @@ impl Config {
     /// tests need not touch the process environment) and the file named by
     /// `--config` or `HUBBUB_CONFIG`.
     pub fn resolve(flags: &Settings, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        Self::layers(flags, env)?.build(Checks::All)
+    }
+
+    /// Like [`Config::resolve`], with every key checked on its own but not
+    /// against the others. For `hubbub healthcheck`, which only needs to find
+    /// the HTTP listener: `healthcheck --http-port 8081` must not be refused
+    /// because the default `ws_port` is 8081 too, when the server it checks
+    /// was started with its WebSocket listener elsewhere.
+    pub fn resolve_keys(
+        flags: &Settings,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        Self::layers(flags, env)?.build(Checks::KeysOnly)
+    }
+
+    fn layers(flags: &Settings, env: &HashMap<String, String>) -> Result<Layers, ConfigError> {
         let mut layers = Layers::default();
         let config_path = flags.config.clone().or_else(|| {
             env.get("HUBBUB_CONFIG")
@@ -150,7 +166,7 @@ impl Config {
         }
         layers.apply_env(env)?;
         layers.apply_flags(flags);
-        layers.build()
+        Ok(layers)
     }
 }
 
@@ -287,6 +303,13 @@ pub const KEYS: &[&str] = &[
     "shutdown_grace",
     "log_format",
 ];
+
+/// Whether [`Layers::build`] also checks keys against each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checks {
+    All,
+    KeysOnly,
+}
 
 /// The winning raw value of each key; later layers overwrite earlier ones.
 #[derive(Default)]
@@ -428,7 +451,7 @@ impl Layers {
         }
     }
 
-    fn build(self) -> Result<Config, ConfigError> {
+    fn build(self, checks: Checks) -> Result<Config, ConfigError> {
         let mut c = Config::default();
         let v = &self.values;
         if let Some(x) = get(v, "host", parse_host)? {
@@ -477,6 +500,9 @@ impl Layers {
             c.log_format = x;
         }
 
+        if checks == Checks::KeysOnly {
+            return Ok(c);
+        }
         // Checks that involve two keys are reported against the one the
         // operator set in the higher layer (see `blame`).
         if c.http_port != 0 && c.http_port == c.ws_port {

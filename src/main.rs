@@ -14,7 +14,12 @@ fn main() -> ExitCode {
     let env: HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("HUBBUB_"))
         .collect();
-    let config = match Config::resolve(&cli.settings, &env) {
+    // The health check only needs to find the HTTP listener; see `resolve_keys`.
+    let resolve = match cli.command {
+        Some(Command::Healthcheck) => Config::resolve_keys,
+        None => Config::resolve,
+    };
+    let config = match resolve(&cli.settings, &env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hubbub: configuration error: {e}");
