@@ -40,14 +40,9 @@ enum Mode {
     Compare(CompareArgs),
 }
 
+/// Where a run's result goes, and the scenario `compare` files it under.
 #[derive(Args, Debug, Clone)]
-struct CommonArgs {
-    /// WebSocket URL of the server (ws:// only).
-    #[arg(long, default_value = "ws://127.0.0.1:8081/")]
-    url: String,
-    /// Server process id: report its CPU and RSS from /proc.
-    #[arg(long)]
-    server_pid: Option<u32>,
+struct OutputArgs {
     /// Print the result as one JSON line on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
@@ -57,6 +52,18 @@ struct CommonArgs {
     /// Scenario name recorded in the JSON (used by `compare`).
     #[arg(long)]
     label: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct CommonArgs {
+    /// WebSocket URL of the server (ws:// only).
+    #[arg(long, default_value = "ws://127.0.0.1:8081/")]
+    url: String,
+    /// Server process id: report its CPU and RSS from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    #[command(flatten)]
+    out: OutputArgs,
     /// Server name recorded in the JSON (used by `compare`).
     #[arg(long = "server-name")]
     server_name: Option<String>,
@@ -180,15 +187,8 @@ struct FloorArgs {
     /// Seconds to wait for outstanding deliveries after the last fan-out.
     #[arg(long, default_value_t = 5.0)]
     drain: f64,
-    /// Print the result as one JSON line on stdout (the table goes to stderr).
-    #[arg(long)]
-    json: bool,
-    /// Append the JSON line to this file (the table stays on stdout).
-    #[arg(long, value_name = "FILE")]
-    json_out: Option<PathBuf>,
-    /// Scenario name recorded in the JSON (used by `compare`).
-    #[arg(long)]
-    label: Option<String>,
+    #[command(flatten)]
+    out: OutputArgs,
     /// Name recorded in the JSON's server field (used by `compare`).
     #[arg(long = "server-name", default_value = "floor")]
     server_name: String,
@@ -222,7 +222,7 @@ fn common_of(a: &CommonArgs) -> anyhow::Result<Common> {
     c.max_frame = a.max_frame;
     c.server_pid = a.server_pid;
     c.progress = !a.no_progress && std::io::stderr().is_terminal();
-    c.label = a.label.clone();
+    c.label = a.out.label.clone();
     c.server_name = a.server_name.clone();
     c.threads = a.threads.max(1);
     if let Some(pid) = a.server_pid {
@@ -247,17 +247,9 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(rt)
 }
 
-fn emit(report: &Report, a: &CommonArgs) -> anyhow::Result<()> {
-    write_out(report, a.json, a.json_out.as_deref())
-}
-
-fn write_out(
-    report: &Report,
-    json: bool,
-    json_out: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
+fn emit(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
     let line = report.to_json_line();
-    if let Some(path) = json_out {
+    if let Some(path) = &out.json_out {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -265,7 +257,7 @@ fn write_out(
             .with_context(|| format!("opening {}", path.display()))?;
         writeln!(f, "{line}")?;
     }
-    if json {
+    if out.json {
         eprint!("{}", report.to_table());
         println!("{line}");
     } else {
@@ -291,7 +283,7 @@ fn main() -> anyhow::Result<()> {
                 drain: secs(a.drain, "--drain")?,
             };
             let report = runtime(common.threads)?.block_on(run::fanout(&common, &cfg))?;
-            emit(&report, &a.common)
+            emit(&report, &a.common.out)
         }
         Mode::Saturate(a) => {
             let common = common_of(&a.common)?;
@@ -306,7 +298,7 @@ fn main() -> anyhow::Result<()> {
                 drain: secs(a.drain, "--drain")?,
             };
             let report = runtime(common.threads)?.block_on(run::saturate(&common, &cfg))?;
-            emit(&report, &a.common)
+            emit(&report, &a.common.out)
         }
         Mode::Idle(a) => {
             let common = common_of(&a.common)?;
@@ -315,7 +307,7 @@ fn main() -> anyhow::Result<()> {
                 hold: secs(a.hold, "--hold")?,
             };
             let report = runtime(common.threads)?.block_on(run::idle(&common, &cfg))?;
-            emit(&report, &a.common)
+            emit(&report, &a.common.out)
         }
         Mode::Floor(a) => {
             sys::raise_nofile_limit().context("raising the open-files limit")?;
@@ -328,9 +320,9 @@ fn main() -> anyhow::Result<()> {
                 drain: secs(a.drain, "--drain")?,
             };
             let mut report = floor::run(&cfg)?;
-            report.label = a.label;
+            report.label = a.out.label.clone();
             report.server = Some(a.server_name);
-            write_out(&report, a.json, a.json_out.as_deref())
+            emit(&report, &a.out)
         }
         Mode::Compare(a) => {
             let mut runs = Vec::new();
