@@ -83,6 +83,9 @@ fn pairs(n: usize) -> anyhow::Result<(Vec<TcpStream>, Vec<TcpStream>)> {
         let (tx, _) = listener.accept().context("loopback accept")?;
         // As a server would: no Nagle delay on the sending side.
         tx.set_nodelay(true)?;
+        // A sender blocked on a socket nobody drains any more (the reader
+        // failed) gives up instead of holding the run forever.
+        tx.set_write_timeout(Some(Duration::from_secs(10)))?;
         rx.set_nonblocking(true)?;
         out.push(tx);
         inn.push(rx);
@@ -121,6 +124,7 @@ fn receive_all(
     period: Duration,
     count: u64,
     deadline: Instant,
+    size: usize,
 ) -> anyhow::Result<Received> {
     // SAFETY: epoll_create1 takes no pointers.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -148,7 +152,7 @@ fn receive_all(
     }
     let expected = count * socks.len() as u64;
     let mut readers: Vec<FrameReader> = (0..socks.len())
-        .map(|_| FrameReader::new(512, 1 << 20))
+        .map(|_| FrameReader::new(512, size.max(SEQ_LEN)))
         .collect();
     let mut next_seq = vec![0u64; socks.len()];
     let mut hist = latency::new_conn_histogram();
@@ -241,7 +245,7 @@ pub fn run(cfg: &FloorCfg) -> anyhow::Result<Report> {
             .chunks_mut(per_thread)
             .map(|socks| scope.spawn(move || send_all(socks, start, period, count, cfg.size)))
             .collect();
-        let reader = scope.spawn(|| receive_all(&mut rx, start, period, count, deadline));
+        let reader = scope.spawn(|| receive_all(&mut rx, start, period, count, deadline, cfg.size));
         if let Some(wait) = start.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
