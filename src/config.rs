@@ -242,7 +242,7 @@ pub struct Settings {
     /// How often the server pings each peer [default: 25s]
     #[arg(long, value_name = "DURATION", global = true)]
     pub ping_interval: Option<String>,
-    /// Close a peer from which nothing (not even a pong) arrived for this long [default: 60s]
+    /// Close a peer from which nothing (not even a pong) arrived for this long, checked at each ping [default: 60s]
     #[arg(long, value_name = "DURATION", global = true)]
     pub idle_timeout: Option<String>,
     /// On shutdown, how long to wait for peers to finish the closing handshake [default: 5s]

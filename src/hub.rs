@@ -8,14 +8,21 @@
 //!
 //! The hub never waits on a peer. Each peer has a bounded queue
 //! ([`crate::queue`]); when it is full the peer is a slow consumer, is
-//! dropped from the registry and kicked through its queue. Messages are `tungstenite::Message` values
-//! whose payload is reference-counted `Bytes`, so fanning one message out to
-//! N peers copies a pointer N times, not the body.
+//! dropped from the registry and kicked through its queue. Messages are
+//! `tungstenite::Message` values whose payload is reference-counted `Bytes`,
+//! so fanning one message out to N peers copies a pointer N times, not the
+//! body.
+//!
+//! The hub also keeps the ping schedule: every `ping_interval` its heartbeat
+//! asks each peer's session to ping and to check its idle deadline, so no
+//! peer needs a timer of its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::{self, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -100,8 +107,13 @@ const BATCH: usize = 64;
 /// Starts the hub task. It runs until `shutdown` fires, then delivers every
 /// message it has already accepted and drops all peers' queues, which tells
 /// each connection to finish writing and close with 1001.
+///
+/// Every `ping_interval` it also asks every peer to ping (the heartbeat):
+/// one timer here instead of one per peer, which every idle peer would
+/// carry.
 pub fn spawn(
     send_queue: usize,
+    ping_interval: Duration,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (HubHandle, tokio::task::JoinHandle<()>) {
@@ -112,7 +124,7 @@ pub fn spawn(
         commands: tx,
         send_queue,
     };
-    let task = tokio::spawn(Hub::default().run(rx, metrics, shutdown));
+    let task = tokio::spawn(Hub::default().run(rx, ping_interval, metrics, shutdown));
     (handle, task)
 }
 
@@ -125,14 +137,23 @@ impl Hub {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Command>,
+        ping_interval: Duration,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(BATCH);
         let stop = shutdown.cancelled();
         tokio::pin!(stop);
+        let mut heartbeat = time::interval_at(Instant::now() + ping_interval, ping_interval);
+        // A late beat is not made up for with a burst of pings.
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => {
+                    for peer in self.peers.values() {
+                        peer.ping();
+                    }
+                }
                 n = rx.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         break;

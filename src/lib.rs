@@ -11,7 +11,8 @@
 //! - [`gateway`]: the WebSocket listener and the opening handshake.
 //! - [`origin`]: which browser origins may connect.
 //! - [`session`]: one connected peer, reading and writing.
-//! - [`hub`]: the task that fans every message out to every peer.
+//! - [`hub`]: the task that fans every message out to every peer, and
+//!   keeps the ping schedule.
 //! - [`queue`]: each peer's bounded outbound queue.
 //! - [`page`]: the chat page and its Content-Security-Policy.
 //! - [`metrics`]: the counters behind `/metrics`.

@@ -31,6 +31,10 @@ enum State {
 struct Inner {
     items: VecDeque<Outgoing>,
     state: State,
+    /// The hub's heartbeat came by: ping the peer and check it is alive. A
+    /// flag rather than a queued item, so an idle peer's queue never needs a
+    /// buffer for it.
+    ping: bool,
     waker: Option<Waker>,
 }
 
@@ -65,6 +69,8 @@ pub struct Full;
 #[derive(Debug)]
 pub enum Recv {
     Message(Outgoing),
+    /// Time to ping the peer (see [`Sender::ping`]).
+    Ping,
     /// The hub is done with this peer and everything queued was delivered.
     Closed,
     Kicked(Kick),
@@ -76,6 +82,7 @@ pub fn bounded(capacity: usize) -> (Sender, Receiver) {
         inner: Mutex::new(Inner {
             items: VecDeque::new(),
             state: State::Open,
+            ping: false,
             waker: None,
         }),
     });
@@ -103,6 +110,21 @@ impl Sender {
         Ok(())
     }
 
+    /// Asks the session to ping its peer (once, however often it is asked
+    /// before the session gets to it).
+    pub fn ping(&self) {
+        let mut inner = self.shared.lock();
+        if inner.state != State::Open {
+            return;
+        }
+        inner.ping = true;
+        let waker = inner.waker.take();
+        drop(inner);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Tells the session to stop now; what is still queued is dropped.
     pub fn kick(self, kick: Kick) {
         self.finish(State::Kicked(kick));
@@ -113,6 +135,7 @@ impl Sender {
         if inner.state == State::Open {
             inner.state = state;
         }
+        inner.ping = false;
         if matches!(inner.state, State::Kicked(_)) {
             inner.items = VecDeque::new();
         }
@@ -136,6 +159,10 @@ impl Receiver {
         let mut inner = self.shared.lock();
         if let State::Kicked(kick) = inner.state {
             return Poll::Ready(Recv::Kicked(kick));
+        }
+        // Before the messages: a peer kept busy must still be checked.
+        if std::mem::take(&mut inner.ping) {
+            return Poll::Ready(Recv::Ping);
         }
         if let Some(message) = pop(&mut inner) {
             return Poll::Ready(Recv::Message(message));
@@ -243,6 +270,41 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(tx.push(msg("late")).is_ok());
         assert_eq!(waiter.await.ok().as_deref(), Some("late"));
+    }
+
+    #[tokio::test]
+    async fn a_ping_comes_once_before_queued_messages_and_never_after_the_end() {
+        let (tx, rx) = bounded(4);
+        assert!(tx.push(msg("a")).is_ok());
+        tx.ping();
+        tx.ping();
+        assert!(matches!(recv(&rx).await, Recv::Ping));
+        assert_eq!(text(recv(&rx).await), "a");
+        // Asking again wakes a waiting session.
+        let waiter = tokio::spawn(async move {
+            let first = recv(&rx).await;
+            (first, rx)
+        });
+        tokio::task::yield_now().await;
+        tx.ping();
+        let Ok((first, rx)) = waiter.await else {
+            panic!("the waiting session failed");
+        };
+        assert!(matches!(first, Recv::Ping));
+        // A ping asked for just before the hub lets go is not delivered.
+        tx.ping();
+        drop(tx);
+        assert!(matches!(recv(&rx).await, Recv::Closed));
+        // Nor one after a kick.
+        let (tx, rx) = bounded(4);
+        tx.ping();
+        tx.kick(Kick::SlowConsumer);
+        assert!(matches!(recv(&rx).await, Recv::Kicked(_)));
+        // And an idle queue still holds no buffer.
+        let (tx, rx) = bounded(4);
+        tx.ping();
+        assert!(matches!(recv(&rx).await, Recv::Ping));
+        assert_eq!(rx.shared.lock().items.capacity(), 0);
     }
 
     #[test]

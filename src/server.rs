@@ -102,7 +102,12 @@ impl Server {
         let tracker = TaskTracker::new();
 
         let page = Arc::new(page);
-        let (hub, hub_task) = hub::spawn(config.send_queue, metrics.clone(), stop.clone());
+        let (hub, hub_task) = hub::spawn(
+            config.send_queue,
+            config.ping_interval,
+            metrics.clone(),
+            stop.clone(),
+        );
 
         let page_url = format!("http://{}/", display_addr(http_addr));
         let gateway = Arc::new(Gateway {

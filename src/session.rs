@@ -1,14 +1,17 @@
 //! One connected peer, from the finished handshake to the close frame.
 //!
 //! A session is a single loop over everything that can happen to a peer: a
-//! frame arrives, the hub queues a message, the hub kicks the peer, the
-//! ping/idle timer fires, or the hub stops (the server is shutting down).
+//! frame arrives, the hub queues a message, the hub kicks the peer, the hub's
+//! heartbeat asks for a ping (and an idle check), or the hub stops (the
+//! server is shutting down).
 //! Whichever comes first is handled, and the outcome decides the close code.
 //!
-//! One loop in one task, with one timer and an unsplit WebSocket, is
-//! deliberate: an idle peer should cost as little memory as possible, and
+//! One loop in one task, with an unsplit WebSocket and no timer of its own,
+//! is deliberate: an idle peer should cost as little memory as possible, and
 //! every separate future, lock or timer here would be paid for by every one
-//! of tens of thousands of mostly idle peers.
+//! of tens of thousands of mostly idle peers. The ping schedule is the hub's
+//! (one timer for all peers); a session only remembers when it last heard
+//! from its peer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +20,7 @@ use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -67,18 +70,11 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
         return;
     };
     let Membership { outbound } = membership;
-    let config = ctx.config;
-    let last_heard = Instant::now();
-    let next_ping = last_heard + config.ping_interval;
-    let timer = sleep_until(next_ping.min(last_heard + config.idle_timeout));
-    tokio::pin!(timer);
     let end = Serve {
         ws,
         outbound,
         ctx: &ctx,
-        timer,
-        last_heard,
-        next_ping,
+        last_heard: Instant::now(),
         stopping: false,
         step: Step::Idle,
     }
@@ -124,17 +120,16 @@ async fn finish(ws: &mut Ws, end: End, ctx: &SessionContext<'_>) {
 ///
 /// Written out by hand rather than as an `async fn` with `select!`: this is
 /// the state every idle peer lives in, and a plain struct holds exactly what
-/// it needs (the timer, two deadlines and what the peer is in the middle of)
-/// where the generated state machine kept room for every branch's future at
-/// once.
+/// it needs (when the peer was last heard from and what it is in the middle
+/// of) where the generated state machine kept room for every branch's future
+/// at once.
 struct Serve<'a, 'c> {
     ws: &'a mut Ws,
     outbound: queue::Receiver,
     ctx: &'a SessionContext<'c>,
-    /// One timer serves both the ping schedule and the idle deadline.
-    timer: Pin<&'a mut Sleep>,
+    /// Any frame from the peer, pongs included, moves this on; the hub's
+    /// heartbeat compares it with `idle_timeout`.
     last_heard: Instant,
-    next_ping: Instant,
     /// Set once the hub stops taking messages (shutdown has begun): stop
     /// reading and only drain what it already queued; it closes the queue
     /// when it is done. Sessions do not watch the shutdown token themselves:
@@ -230,21 +225,13 @@ impl<'a, 'c> Serve<'a, 'c> {
         Pin::new(&mut *self.ws).poll_flush(cx)
     }
 
-    /// The ping/idle timer fired: close an idle peer, or start a ping.
-    fn on_timer(&mut self) -> Option<End> {
-        let config = self.ctx.config;
-        let now = Instant::now();
-        if !self.stopping && now >= self.last_heard + config.idle_timeout {
+    /// The hub's heartbeat: close a peer not heard from for `idle_timeout`
+    /// (so it goes at the first beat after that), or ping it.
+    fn on_heartbeat(&mut self) -> Option<End> {
+        if !self.stopping && self.last_heard.elapsed() >= self.ctx.config.idle_timeout {
             return Some(End::Close(frame_of(CloseCode::Away, "idle timeout")));
         }
-        if now >= self.next_ping {
-            self.next_ping = now + config.ping_interval;
-            self.step = Step::Pinging { sent: false };
-        }
-        // Re-aimed only here: hearing from the peer moves the idle deadline
-        // later, never earlier, so a timer that fires early finds nothing due.
-        let due = self.next_ping.min(self.last_heard + config.idle_timeout);
-        self.timer.as_mut().reset(due);
+        self.step = Step::Pinging { sent: false };
         None
     }
 }
@@ -291,6 +278,12 @@ impl Future for Serve<'_, '_> {
                             };
                             continue;
                         }
+                        Poll::Ready(Recv::Ping) => {
+                            if let Some(end) = this.on_heartbeat() {
+                                return Poll::Ready(end);
+                            }
+                            continue;
+                        }
                         Poll::Ready(Recv::Closed) => return Poll::Ready(End::Close(going_away())),
                         Poll::Ready(Recv::Kicked(kick)) => {
                             return Poll::Ready(End::Close(kick_frame(kick)))
@@ -305,10 +298,7 @@ impl Future for Serve<'_, '_> {
                             }
                         }
                     }
-                    ready!(this.timer.as_mut().poll(cx));
-                    if let Some(end) = this.on_timer() {
-                        return Poll::Ready(end);
-                    }
+                    return Poll::Pending;
                 }
             }
         }

@@ -135,9 +135,16 @@ async fn a_silent_peer_is_closed_after_idle_timeout() {
     })
     .await;
     // This client never polls its socket, so it never answers a ping.
+    let connected = tokio::time::Instant::now();
     let mut silent = server.connect().await;
     server.wait_metric("hubbub_connections", 1).await;
     server.wait_metric("hubbub_connections", 0).await;
+    // Checked at the hub's heartbeat: never before idle_timeout.
+    assert!(
+        connected.elapsed() >= Duration::from_millis(400),
+        "closed after only {:?}",
+        connected.elapsed()
+    );
     let (frame, _) = expect_close(&mut silent).await;
     assert_eq!(frame.code, CloseCode::Away);
     assert_eq!(frame.reason.as_str(), "idle timeout");
