@@ -314,6 +314,21 @@ async fn reader_task(
     }
 }
 
+/// A sender's message body, ready for `payload::restamp` before each send.
+fn sender_body(size: usize, run: u16, id: u32) -> Vec<u8> {
+    let mut body = vec![0u8; size];
+    payload::encode(
+        &mut body,
+        &Header {
+            run,
+            sender: id,
+            seq: 0,
+            ts_ns: 0,
+        },
+    );
+    body
+}
+
 /// Sends `rate` messages/s from `start` until `stop`, or `limit` messages.
 #[allow(clippy::too_many_arguments)]
 async fn paced_writer(
@@ -328,16 +343,7 @@ async fn paced_writer(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<u64, String> {
-    let mut body = vec![0u8; size];
-    payload::encode(
-        &mut body,
-        &Header {
-            run,
-            sender: id,
-            seq: 0,
-            ts_ns: 0,
-        },
-    );
+    let mut body = sender_body(size, run, id);
     let mut out = Vec::with_capacity(size + 16);
     let mut masks = MaskGen::new(seed() ^ u64::from(id));
     let mut tick = tokio::time::interval_at(start, period);
@@ -436,16 +442,7 @@ async fn windowed_writer(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<u64, String> {
-    let mut body = vec![0u8; size];
-    payload::encode(
-        &mut body,
-        &Header {
-            run,
-            sender: id,
-            seq: 0,
-            ts_ns: 0,
-        },
-    );
+    let mut body = sender_body(size, run, id);
     let mut out = Vec::with_capacity((size + 16) * window as usize);
     let mut masks = MaskGen::new(seed() ^ u64::from(id));
     let mut seq = 0u64;
