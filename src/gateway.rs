@@ -147,17 +147,21 @@ impl Gateway {
         id: u64,
         permit: OwnedSemaphorePermit,
     ) -> impl std::future::Future<Output = ()> {
+        let registered = Registered {
+            gateway: self,
+            id,
+            _permit: permit,
+        };
         async move {
+            let gateway = &registered.gateway;
             let ctx = SessionContext {
                 id,
-                config: &self.config,
-                hub: &self.hub,
-                metrics: &self.metrics,
-                shutdown: &self.shutdown,
+                config: &gateway.config,
+                hub: &gateway.hub,
+                metrics: &gateway.metrics,
+                shutdown: &gateway.shutdown,
             };
             session::run(&mut ws, ctx).await;
-            self.sessions().remove(&id);
-            drop(permit);
         }
     }
 
@@ -342,6 +346,21 @@ impl Gateway {
             .keep_alive(false)
             .serve_connection(TokioIo::new(stream), service);
         let _ = tokio::time::timeout(limit, conn).await;
+    }
+}
+
+/// A running session's entry in the gateway: its abort handle and its
+/// `max_connections` permit. Dropped however the session ends, a panic or
+/// an abort included, so neither is ever left behind.
+struct Registered {
+    gateway: Arc<Gateway>,
+    id: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.gateway.sessions().remove(&self.id);
     }
 }
 

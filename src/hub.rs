@@ -18,10 +18,12 @@
 //! peer needs a timer of its own.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::{self, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -45,23 +47,41 @@ pub enum Kick {
 /// is shared `Bytes` either way.
 pub type Outgoing = Arc<Message>;
 
-/// What the hub hands out to a peer when it joins.
+/// A peer's place in the hub, from `join` until it is dropped.
+///
+/// Dropping it is how a peer leaves: however its session ends (closed,
+/// aborted at the end of the shutdown grace, or unwinding from a panic), the
+/// hub hears of it, so no registry entry is left behind.
 pub struct Membership {
     /// Messages to write to this peer, in hub order; also says when the hub
     /// kicks the peer or stops.
     pub outbound: queue::Receiver,
+    id: PeerId,
+    members: mpsc::UnboundedSender<Member>,
 }
 
-enum Command {
+impl Drop for Membership {
+    fn drop(&mut self) {
+        // The hub may already be gone (shutdown); then there is nobody to tell.
+        let _ = self.members.send(Member::Leave { id: self.id });
+    }
+}
+
+/// Peers coming and going. A channel of their own, unbounded because each
+/// peer sends exactly two (one join, one leave), so it holds at most twice
+/// the number of connections, and because a leave must be sendable from a
+/// destructor, which cannot wait for room in a bounded channel. Joins and
+/// leaves share it so the hub always sees a peer's join before its leave.
+enum Member {
     Join { id: PeerId, outbound: queue::Sender },
     Leave { id: PeerId },
-    Broadcast(Message),
 }
 
 /// Cheap, cloneable handle for talking to the hub.
 #[derive(Clone)]
 pub struct HubHandle {
-    commands: mpsc::Sender<Command>,
+    messages: mpsc::Sender<Message>,
+    members: mpsc::UnboundedSender<Member>,
     send_queue: usize,
 }
 
@@ -70,39 +90,51 @@ pub struct HubHandle {
 #[error("the hub has stopped")]
 pub struct HubClosed;
 
+/// A message on its way to the hub, when the hub was too far behind to take
+/// it at once. Boxed: it exists only while the hub is behind, and an idle
+/// peer should not carry room for it.
+pub type Handoff<'a> = Pin<Box<dyn Future<Output = Result<(), HubClosed>> + Send + 'a>>;
+
 impl HubHandle {
     /// Registers a peer. From the moment this returns, the peer receives every
-    /// message the hub broadcasts.
-    pub async fn join(&self, id: PeerId) -> Result<Membership, HubClosed> {
+    /// message the hub broadcasts after the ones it has already taken.
+    pub fn join(&self, id: PeerId) -> Result<Membership, HubClosed> {
         let (outbound_tx, outbound) = queue::bounded(self.send_queue);
-        self.commands
-            .send(Command::Join {
+        self.members
+            .send(Member::Join {
                 id,
                 outbound: outbound_tx,
             })
-            .await
             .map_err(|_| HubClosed)?;
-        Ok(Membership { outbound })
+        Ok(Membership {
+            outbound,
+            id,
+            members: self.members.clone(),
+        })
     }
 
-    /// Unregisters a peer. Harmless if it is already gone.
-    pub async fn leave(&self, id: PeerId) {
-        let _ = self.commands.send(Command::Leave { id }).await;
-    }
-
-    /// Queues a message for every peer. Waits only if the hub itself is
-    /// behind, which pushes back on the reading peer rather than growing
-    /// memory.
-    pub async fn broadcast(&self, message: Message) -> Result<(), HubClosed> {
-        self.commands
-            .send(Command::Broadcast(message))
-            .await
-            .map_err(|_| HubClosed)
+    /// Offers a message for every peer. `Ok(None)`: the hub has it.
+    /// `Ok(Some(handoff))`: the hub is behind; the message goes in when the
+    /// returned future completes, and the caller should not read more from
+    /// its peer until then (which pushes back on the sender rather than
+    /// growing memory) but keep writing to it.
+    pub fn broadcast(&self, message: Message) -> Result<Option<Handoff<'_>>, HubClosed> {
+        match self.messages.try_send(message) {
+            Ok(()) => Ok(None),
+            Err(TrySendError::Closed(_)) => Err(HubClosed),
+            Err(TrySendError::Full(message)) => Ok(Some(Box::pin(async move {
+                self.messages.send(message).await.map_err(|_| HubClosed)
+            }))),
+        }
     }
 }
 
-/// How many commands the hub takes off its channel per wake-up.
+/// How many messages the hub takes off its channel per wake-up.
 const BATCH: usize = 64;
+
+/// Messages waiting for the hub, from all peers together; a generous size
+/// keeps bursts from many peers from making readers wait.
+const INBOUND: usize = 4096;
 
 /// Starts the hub task. It runs until `shutdown` fires, then delivers every
 /// message it has already accepted and drops all peers' queues, which tells
@@ -117,15 +149,56 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (HubHandle, tokio::task::JoinHandle<()>) {
-    // The inbound queue is shared by all peers; a generous size keeps bursts
-    // from many peers from making readers wait.
-    let (tx, rx) = mpsc::channel(4096);
+    let (messages, rx) = mpsc::channel(INBOUND);
+    let (members, members_rx) = mpsc::unbounded_channel();
     let handle = HubHandle {
-        commands: tx,
+        messages,
+        members,
         send_queue,
     };
-    let task = tokio::spawn(Hub::default().run(rx, ping_interval, metrics, shutdown));
+    let task = tokio::spawn(Hub::default().run(rx, members_rx, ping_interval, metrics, shutdown));
     (handle, task)
+}
+
+/// A handle whose hub is the caller: the returned receivers are what the
+/// hub task would read. For tests that need the hub to fall behind on
+/// purpose or to watch peers join and leave.
+#[cfg(test)]
+pub(crate) fn detached(
+    send_queue: usize,
+    inbound: usize,
+) -> (HubHandle, mpsc::Receiver<Message>, Members) {
+    let (messages, rx) = mpsc::channel(inbound);
+    let (members, members_rx) = mpsc::unbounded_channel();
+    let handle = HubHandle {
+        messages,
+        members,
+        send_queue,
+    };
+    (handle, rx, Members(members_rx))
+}
+
+/// The join and leave side of a [`detached`] hub.
+#[cfg(test)]
+pub(crate) struct Members(mpsc::UnboundedReceiver<Member>);
+
+#[cfg(test)]
+impl Members {
+    /// The next join's peer and its queue's sending end.
+    pub(crate) async fn joined(&mut self) -> Option<(PeerId, queue::Sender)> {
+        match self.0.recv().await? {
+            Member::Join { id, outbound } => Some((id, outbound)),
+            Member::Leave { .. } => None,
+        }
+    }
+
+    /// The next leave's peer.
+    pub(crate) async fn left(&mut self) -> Option<PeerId> {
+        match self.0.recv().await? {
+            Member::Leave { id } => Some(id),
+            Member::Join { .. } => None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -136,7 +209,8 @@ struct Hub {
 impl Hub {
     async fn run(
         mut self,
-        mut rx: mpsc::Receiver<Command>,
+        mut messages: mpsc::Receiver<Message>,
+        mut members: mpsc::UnboundedReceiver<Member>,
         ping_interval: Duration,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
@@ -154,19 +228,23 @@ impl Hub {
                         peer.ping();
                     }
                 }
-                n = rx.recv_many(&mut batch, BATCH) => {
+                Some(member) = members.recv() => self.member(member),
+                n = messages.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         break;
                     }
-                    for command in batch.drain(..) {
-                        self.handle(command, &metrics);
+                    self.members_so_far(&mut members);
+                    for message in batch.drain(..) {
+                        self.broadcast(message, &metrics);
                     }
                 }
                 _ = &mut stop => {
                     // Refuse anything new, but deliver what is already queued.
-                    rx.close();
-                    while let Some(command) = rx.recv().await {
-                        self.handle(command, &metrics);
+                    members.close();
+                    messages.close();
+                    self.members_so_far(&mut members);
+                    while let Some(message) = messages.recv().await {
+                        self.broadcast(message, &metrics);
                     }
                     break;
                 }
@@ -176,15 +254,23 @@ impl Hub {
         // Dropping the registry closes every peer's queue once it is drained.
     }
 
-    fn handle(&mut self, command: Command, metrics: &Metrics) {
-        match command {
-            Command::Join { id, outbound } => {
+    /// Takes every join and leave sent so far. Called before a batch of
+    /// messages: a peer's join is sent before it can send anything, so this
+    /// makes sure a sender is registered in time to receive its own message.
+    fn members_so_far(&mut self, members: &mut mpsc::UnboundedReceiver<Member>) {
+        while let Ok(member) = members.try_recv() {
+            self.member(member);
+        }
+    }
+
+    fn member(&mut self, member: Member) {
+        match member {
+            Member::Join { id, outbound } => {
                 self.peers.insert(id, outbound);
             }
-            Command::Leave { id } => {
+            Member::Leave { id } => {
                 self.peers.remove(&id);
             }
-            Command::Broadcast(message) => self.broadcast(message, metrics),
         }
     }
 

@@ -183,17 +183,28 @@ impl Receiver {
         pop(&mut inner)
     }
 
-    /// Ready once the hub kicks this peer. Meant to be polled while a write
-    /// may stall; it shares the waker slot with `poll_recv`, which is fine
-    /// because a session never waits on both at once.
-    pub fn poll_kicked(&self, cx: &mut Context<'_>) -> Poll<Kick> {
+    /// What needs the session's attention while it is busy writing: a kick
+    /// or the heartbeat's ping request, never a message (those wait until
+    /// the write in progress is done). It shares the waker slot with
+    /// `poll_recv`, which is fine because a session polls both from one task.
+    pub fn poll_signal(&self, cx: &mut Context<'_>) -> Poll<Signal> {
         let mut inner = self.shared.lock();
         if let State::Kicked(kick) = inner.state {
-            return Poll::Ready(kick);
+            return Poll::Ready(Signal::Kicked(kick));
+        }
+        if std::mem::take(&mut inner.ping) {
+            return Poll::Ready(Signal::Ping);
         }
         register(&mut inner, cx);
         Poll::Pending
     }
+}
+
+/// See [`Receiver::poll_signal`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Signal {
+    Ping,
+    Kicked(Kick),
 }
 
 fn pop(inner: &mut Inner) -> Option<Outgoing> {
@@ -260,7 +271,10 @@ mod tests {
         tx.kick(Kick::SlowConsumer);
         assert!(matches!(recv(&rx).await, Recv::Kicked(Kick::SlowConsumer)));
         assert!(rx.try_recv().is_none());
-        assert_eq!(poll_fn(|cx| rx.poll_kicked(cx)).await, Kick::SlowConsumer);
+        assert_eq!(
+            poll_fn(|cx| rx.poll_signal(cx)).await,
+            Signal::Kicked(Kick::SlowConsumer)
+        );
     }
 
     #[tokio::test]

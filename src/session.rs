@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::Config;
-use crate::hub::{HubClosed, HubHandle, Kick, Membership, Outgoing, PeerId};
+use crate::hub::{Handoff, HubClosed, HubHandle, Kick, Membership, Outgoing, PeerId};
 use crate::metrics::Metrics;
-use crate::queue::{self, Recv};
+use crate::queue::{self, Recv, Signal};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -69,22 +69,45 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
     let Some(membership) = Box::pin(start(ws, &ctx)).await else {
         return;
     };
-    let Membership { outbound } = membership;
+    let joined = Joined {
+        membership,
+        metrics: ctx.metrics,
+    };
     let end = Serve {
         ws,
-        outbound,
+        outbound: &joined.membership.outbound,
         ctx: &ctx,
         last_heard: Instant::now(),
         stopping: false,
+        ping_due: false,
+        moved: false,
+        stalled_beats: 0,
         step: Step::Idle,
+        handoff: None,
     }
     .await;
+    // Leave before the closing handshake: the peer gets nothing more.
+    drop(joined);
     Box::pin(finish(ws, end, &ctx)).await;
+}
+
+/// A peer counted as connected and registered with the hub. Dropping it
+/// undoes both, so the gauge and the registry stay right however the
+/// session ends, a panic or an abort included.
+struct Joined<'a> {
+    membership: Membership,
+    metrics: &'a Metrics,
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        self.metrics.peer_closed();
+    }
 }
 
 /// Registers with the hub, or closes with 1001 if the hub is already gone.
 async fn start(ws: &mut Ws, ctx: &SessionContext<'_>) -> Option<Membership> {
-    let Ok(membership) = ctx.hub.join(ctx.id).await else {
+    let Ok(membership) = ctx.hub.join(ctx.id) else {
         let _ = ws.close(Some(going_away())).await;
         return None;
     };
@@ -93,10 +116,8 @@ async fn start(ws: &mut Ws, ctx: &SessionContext<'_>) -> Option<Membership> {
     Some(membership)
 }
 
-/// Leaves the hub and ends the connection as `end` says.
+/// Ends the connection as `end` says.
 async fn finish(ws: &mut Ws, end: End, ctx: &SessionContext<'_>) {
-    ctx.hub.leave(ctx.id).await;
-    ctx.metrics.peer_closed();
     match end {
         End::Close(frame) => {
             info!(code = u16::from(frame.code), reason = %frame.reason, "closing peer");
@@ -123,9 +144,16 @@ async fn finish(ws: &mut Ws, end: End, ctx: &SessionContext<'_>) {
 /// it needs (when the peer was last heard from and what it is in the middle
 /// of) where the generated state machine kept room for every branch's future
 /// at once.
+///
+/// Reading, writing and handing a message to the hub go on side by side: a
+/// peer whose write is stuck is still read (so its pongs count as signs of
+/// life), and a peer waiting for a busy hub to take its message still has
+/// its own queue written, so it is judged as a slow consumer by how fast it
+/// reads, exactly like a peer that only reads. Only one message at a time
+/// waits for the hub: until it is taken, nothing more is read from the peer.
 struct Serve<'a, 'c> {
     ws: &'a mut Ws,
-    outbound: queue::Receiver,
+    outbound: &'a queue::Receiver,
     ctx: &'a SessionContext<'c>,
     /// Any frame from the peer, pongs included, moves this on; the hub's
     /// heartbeat compares it with `idle_timeout`.
@@ -135,12 +163,22 @@ struct Serve<'a, 'c> {
     /// when it is done. Sessions do not watch the shutdown token themselves:
     /// a waiter on it per peer would put one shared lock on every delivery.
     stopping: bool,
-    step: Step<'a>,
+    /// The heartbeat asked for a ping while a batch was being written; it is
+    /// sent once the batch is out.
+    ping_due: bool,
+    /// The write in progress moved (the socket took something) since the
+    /// last heartbeat.
+    moved: bool,
+    /// Heartbeats in a row that found a write in progress that had not moved.
+    stalled_beats: u32,
+    step: Step,
+    /// A received message the hub has not taken yet (it was behind).
+    handoff: Option<Handoff<'a>>,
 }
 
-/// What the session is in the middle of.
-enum Step<'a> {
-    /// Waiting for the next event.
+/// What the session is writing.
+enum Step {
+    /// Nothing: waiting for the next event.
     Idle,
     /// Writing what is queued (starting with `next`), then one flush.
     Writing {
@@ -150,9 +188,6 @@ enum Step<'a> {
     },
     /// Writing a ping, then a flush.
     Pinging { sent: bool },
-    /// Handing a received message to the hub (boxed: it is short-lived and
-    /// would otherwise enlarge every idle peer).
-    Broadcasting(Pin<Box<dyn Future<Output = Result<(), HubClosed>> + Send + 'a>>),
 }
 
 impl<'a, 'c> Serve<'a, 'c> {
@@ -181,8 +216,21 @@ impl<'a, 'c> Serve<'a, 'c> {
         }
         self.ctx.metrics.message_received();
         let hub: &'a HubHandle = self.ctx.hub;
-        self.step = Step::Broadcasting(Box::pin(hub.broadcast(message)));
+        match hub.broadcast(message) {
+            Ok(handoff) => self.handoff = handoff,
+            // The hub stopped taking messages: shutdown has begun.
+            Err(HubClosed) => self.stopping = true,
+        }
         Poll::Ready(None)
+    }
+
+    /// Notes whether the socket took what was offered: a write that stays
+    /// pending across heartbeats is a peer that stopped reading.
+    fn track<T>(&mut self, poll: Poll<T>) -> Poll<T> {
+        if poll.is_ready() {
+            self.moved = true;
+        }
+        poll
     }
 
     /// Writes the current batch; `Ready(Ok)` once it is flushed.
@@ -197,7 +245,7 @@ impl<'a, 'c> Serve<'a, 'c> {
                 .flatten()
         }) {
             match Pin::new(&mut *self.ws).poll_ready(cx) {
-                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Ok(())) => self.moved = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     *next = Some(message);
@@ -208,8 +256,10 @@ impl<'a, 'c> Serve<'a, 'c> {
             *bytes += message.len() as u64;
             Pin::new(&mut *self.ws).start_send(Message::clone(&message))?;
         }
-        ready!(Pin::new(&mut *self.ws).poll_flush(cx))?;
-        self.ctx.metrics.delivered(*count, *bytes);
+        let (count, bytes) = (*count, *bytes);
+        let flushed = Pin::new(&mut *self.ws).poll_flush(cx);
+        ready!(self.track(flushed))?;
+        self.ctx.metrics.delivered(count, bytes);
         Poll::Ready(Ok(()))
     }
 
@@ -222,16 +272,42 @@ impl<'a, 'c> Serve<'a, 'c> {
             Pin::new(&mut *self.ws).start_send(Message::Ping(Bytes::new()))?;
             *sent = true;
         }
-        Pin::new(&mut *self.ws).poll_flush(cx)
+        let flushed = Pin::new(&mut *self.ws).poll_flush(cx);
+        self.track(flushed)
     }
 
     /// The hub's heartbeat: close a peer not heard from for `idle_timeout`
-    /// (so it goes at the first beat after that), or ping it.
+    /// (so it goes at the first beat after that), or one whose writes have
+    /// not moved for as long, or ping it.
     fn on_heartbeat(&mut self) -> Option<End> {
-        if !self.stopping && self.last_heard.elapsed() >= self.ctx.config.idle_timeout {
+        let idle_timeout = self.ctx.config.idle_timeout;
+        if self.stopping {
+            // Shutdown has its own deadline (the grace period).
+        } else if self.last_heard.elapsed() >= idle_timeout {
             return Some(End::Close(frame_of(CloseCode::Away, "idle timeout")));
+        } else if matches!(self.step, Step::Idle) || std::mem::take(&mut self.moved) {
+            self.stalled_beats = 0;
+        } else {
+            self.stalled_beats += 1;
+            // The stall began after the beat before the first one that saw
+            // it, so it has lasted at least (beats - 1) intervals.
+            let stalled_for = self
+                .ctx
+                .config
+                .ping_interval
+                .saturating_mul(self.stalled_beats - 1);
+            if stalled_for >= idle_timeout {
+                self.ctx.metrics.slow_consumer_disconnect();
+                return Some(End::Close(frame_of(
+                    CloseCode::Policy,
+                    "slow consumer: nothing could be written for idle_timeout",
+                )));
+            }
         }
-        self.step = Step::Pinging { sent: false };
+        match self.step {
+            Step::Idle => self.step = Step::Pinging { sent: false },
+            _ => self.ping_due = true,
+        }
         None
     }
 }
@@ -242,65 +318,87 @@ impl Future for Serve<'_, '_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
         loop {
-            match &mut this.step {
-                Step::Writing { .. } | Step::Pinging { .. } => {
-                    // A write can stall on a peer that stopped reading; the
-                    // hub's kick must still get through.
-                    if let Poll::Ready(kick) = this.outbound.poll_kicked(cx) {
-                        return Poll::Ready(End::Close(kick_frame(kick)));
-                    }
-                    let written = if matches!(this.step, Step::Writing { .. }) {
-                        ready!(this.poll_write(cx))
-                    } else {
-                        ready!(this.poll_ping(cx))
-                    };
-                    if written.is_err() {
-                        return Poll::Ready(End::Gone);
-                    }
-                    this.step = Step::Idle;
-                }
-                Step::Broadcasting(send) => {
-                    if ready!(send.as_mut().poll(cx)).is_err() {
-                        // The hub stopped taking messages: shutdown has begun.
+            if let Some(handoff) = &mut this.handoff {
+                if let Poll::Ready(taken) = handoff.as_mut().poll(cx) {
+                    this.handoff = None;
+                    if taken.is_err() {
                         this.stopping = true;
                     }
-                    this.step = Step::Idle;
-                }
-                Step::Idle => {
-                    // The queue first: delivering to this peer frees hub
-                    // capacity; reading from it adds work.
-                    match this.outbound.poll_recv(cx) {
-                        Poll::Ready(Recv::Message(m)) => {
-                            this.step = Step::Writing {
-                                next: Some(m),
-                                count: 0,
-                                bytes: 0,
-                            };
-                            continue;
-                        }
-                        Poll::Ready(Recv::Ping) => {
-                            if let Some(end) = this.on_heartbeat() {
-                                return Poll::Ready(end);
-                            }
-                            continue;
-                        }
-                        Poll::Ready(Recv::Closed) => return Poll::Ready(End::Close(going_away())),
-                        Poll::Ready(Recv::Kicked(kick)) => {
-                            return Poll::Ready(End::Close(kick_frame(kick)))
-                        }
-                        Poll::Pending => {}
-                    }
-                    if !this.stopping {
-                        if let Poll::Ready(end) = this.poll_read(cx) {
-                            match end {
-                                Some(end) => return Poll::Ready(end),
-                                None => continue,
-                            }
-                        }
-                    }
-                    return Poll::Pending;
                 }
             }
+            if matches!(this.step, Step::Idle) {
+                // The queue first: delivering to this peer frees hub
+                // capacity; reading from it adds work.
+                match this.outbound.poll_recv(cx) {
+                    // After any event, the queue is polled again before the
+                    // task sleeps: only a pending poll leaves a waker there.
+                    Poll::Ready(Recv::Message(m)) => {
+                        this.step = Step::Writing {
+                            next: Some(m),
+                            count: 0,
+                            bytes: 0,
+                        };
+                        continue;
+                    }
+                    Poll::Ready(Recv::Ping) => {
+                        if let Some(end) = this.on_heartbeat() {
+                            return Poll::Ready(end);
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Recv::Closed) if this.handoff.is_none() => {
+                        return Poll::Ready(End::Close(going_away()))
+                    }
+                    // The hub let go of this peer while one of its messages
+                    // was still on the way in: wait for that first.
+                    Poll::Ready(Recv::Closed) => {}
+                    Poll::Ready(Recv::Kicked(kick)) => {
+                        return Poll::Ready(End::Close(kick_frame(kick)))
+                    }
+                    Poll::Pending => {}
+                }
+            } else {
+                // A write can stall on a peer that stopped reading; the
+                // hub's kick and heartbeat must still get through.
+                match this.outbound.poll_signal(cx) {
+                    Poll::Ready(Signal::Kicked(kick)) => {
+                        return Poll::Ready(End::Close(kick_frame(kick)))
+                    }
+                    Poll::Ready(Signal::Ping) => {
+                        if let Some(end) = this.on_heartbeat() {
+                            return Poll::Ready(end);
+                        }
+                        continue;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            let written = match this.step {
+                Step::Idle => Poll::Pending,
+                Step::Writing { .. } => this.poll_write(cx),
+                Step::Pinging { .. } => this.poll_ping(cx),
+            };
+            match written {
+                Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
+                Poll::Ready(Ok(())) => {
+                    this.step = if std::mem::take(&mut this.ping_due) {
+                        Step::Pinging { sent: false }
+                    } else {
+                        Step::Idle
+                    };
+                    continue;
+                }
+                Poll::Pending => {}
+            }
+            if this.handoff.is_none() && !this.stopping {
+                if let Poll::Ready(end) = this.poll_read(cx) {
+                    match end {
+                        Some(end) => return Poll::Ready(end),
+                        None => continue,
+                    }
+                }
+            }
+            return Poll::Pending;
         }
     }
 }
@@ -356,5 +454,185 @@ fn kick_frame(kick: Kick) -> CloseFrame {
             CloseCode::Policy,
             "slow consumer: send queue full, messages were not being read",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub;
+    use std::sync::Arc;
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::MaybeTlsStream;
+
+    type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+    /// What a session borrows, kept alive for the whole test.
+    struct World {
+        config: Config,
+        hub: HubHandle,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    }
+
+    /// A session on a real loopback WebSocket, run as its own task, and the
+    /// client end of it.
+    async fn peer(world: &Arc<World>, id: PeerId) -> (Client, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let url = format!("ws://{addr}/");
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+                .await
+                .expect("client handshake")
+                .0
+        });
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(tcp)
+            .await
+            .expect("server handshake");
+        let world = world.clone();
+        let task = tokio::spawn(async move {
+            let ctx = SessionContext {
+                id,
+                config: &world.config,
+                hub: &world.hub,
+                metrics: &world.metrics,
+                shutdown: &world.shutdown,
+            };
+            run(&mut ws, ctx).await;
+        });
+        (client.await.expect("client task"), task)
+    }
+
+    async fn next_text(ws: &mut Client) -> String {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+            match next {
+                Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    fn world(
+        send_queue: usize,
+        inbound: usize,
+    ) -> (
+        Arc<World>,
+        tokio::sync::mpsc::Receiver<Message>,
+        hub::Members,
+    ) {
+        let config = Config {
+            send_queue,
+            ..Config::ephemeral()
+        };
+        let (hub, inbound, members) = hub::detached(send_queue, inbound);
+        let world = Arc::new(World {
+            config,
+            hub,
+            metrics: Metrics::default(),
+            shutdown: CancellationToken::new(),
+        });
+        (world, inbound, members)
+    }
+
+    /// The hub is held behind on purpose (the test plays the hub and takes
+    /// nothing off its inbound channel) while a sender waits to hand it a
+    /// message. Sender and reader read at the same speed, so the queue rule
+    /// must treat them alike: neither queue may fill up.
+    #[tokio::test]
+    async fn a_sender_waiting_for_a_busy_hub_keeps_draining_its_queue() {
+        const SEND_QUEUE: usize = 4;
+        let (world, mut inbound, mut members) = world(SEND_QUEUE, 1);
+        let (mut sender, _s) = peer(&world, 1).await;
+        let (mut reader, _r) = peer(&world, 2).await;
+        let mut queues = Vec::new();
+        for _ in 0..2 {
+            queues.push(members.joined().await.expect("a join").1);
+        }
+        // The hub's inbound channel is full from here on.
+        assert!(matches!(
+            world.hub.broadcast(Message::text("filler")),
+            Ok(None)
+        ));
+        sender
+            .send(Message::text("from the sender"))
+            .await
+            .expect("send");
+        // Wait until the session has read it and is waiting for the hub.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while world
+            .metrics
+            .render()
+            .contains("hubbub_messages_received_total 0")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the session never read the message"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for i in 0..SEND_QUEUE * 5 {
+            let message: Outgoing = Arc::new(Message::text(format!("m{i}")));
+            for (who, queue) in ["sender", "reader"].iter().zip(&queues) {
+                assert!(
+                    queue.push(message.clone()).is_ok(),
+                    "the {who}'s queue filled up at message {i}"
+                );
+            }
+            assert_eq!(next_text(&mut sender).await, format!("m{i}"));
+            assert_eq!(next_text(&mut reader).await, format!("m{i}"));
+        }
+        // Once the hub catches up, the waiting message goes in after the filler.
+        for want in ["filler", "from the sender"] {
+            let got = inbound.recv().await.expect("a message for the hub");
+            assert_eq!(got.to_text().ok(), Some(want));
+        }
+    }
+
+    /// However a session ends, a panic included, it leaves the hub and the
+    /// connections gauge goes back down.
+    #[tokio::test]
+    async fn a_session_that_panics_still_leaves_the_hub() {
+        let (world, _inbound, mut members) = world(8, 8);
+        let (client, ended) = tokio::sync::oneshot::channel::<()>();
+        let inner = world.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let ws = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp).await;
+            let _ = ended.await;
+            drop(ws);
+        });
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(tcp)
+            .await
+            .expect("handshake");
+        let (joined_tx, joined_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let ctx = SessionContext {
+                id: 7,
+                config: &inner.config,
+                hub: &inner.hub,
+                metrics: &inner.metrics,
+                shutdown: &inner.shutdown,
+            };
+            let session = run(&mut ws, ctx);
+            tokio::pin!(session);
+            // Poll the session until it has joined, then panic mid-session.
+            let _ = tokio::time::timeout(Duration::from_millis(200), &mut session).await;
+            let _ = joined_tx.send(());
+            panic!("a bug in a session");
+        });
+        assert_eq!(members.joined().await.map(|(id, _)| id), Some(7));
+        let _ = joined_rx.await;
+        assert!(task.await.is_err_and(|e| e.is_panic()));
+        assert_eq!(members.left().await, Some(7));
+        assert_eq!(world.metrics.open_connections(), 0);
+        let _ = client.send(());
     }
 }

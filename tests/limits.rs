@@ -177,6 +177,81 @@ async fn a_peer_that_only_answers_pings_stays_connected() {
     assert_eq!(next_text(&mut ws).await, "still alive");
 }
 
+/// Keeps a client reading (so it answers pings) until the test ends.
+fn keep_reading(mut ws: Ws) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} })
+}
+
+/// A client that neither reads nor sends is closed for idleness even when
+/// room traffic has filled its socket, so its session is stuck in a write.
+#[tokio::test]
+async fn a_silent_peer_stuck_on_a_full_socket_is_still_closed_for_idleness() {
+    let server = TestServer::start(Config {
+        ping_interval: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(500),
+        max_message_bytes: 1 << 20,
+        ..Config::ephemeral()
+    })
+    .await;
+    let _silent = server.connect().await;
+    let mut talker = server.connect().await;
+    server.wait_metric("hubbub_connections", 2).await;
+    // 24 MB: far more than the silent client's socket buffers hold.
+    let body = vec![7u8; 1 << 20];
+    for _ in 0..24 {
+        talker
+            .send(Message::binary(body.clone()))
+            .await
+            .expect("send");
+        next_data(&mut talker).await;
+    }
+    let _talker = keep_reading(talker);
+    // Before: still open as long as the room stayed quiet.
+    server.wait_metric("hubbub_connections", 1).await;
+}
+
+/// A client that keeps sending pongs (so it is never idle) but never reads:
+/// its write makes no progress, and it is given up after `idle_timeout`.
+#[tokio::test]
+async fn a_write_that_makes_no_progress_is_given_up() {
+    let server = TestServer::start(Config {
+        ping_interval: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(500),
+        max_message_bytes: 1 << 20,
+        ..Config::ephemeral()
+    })
+    .await;
+    let mut stuck = raw_handshake(server.ws, "").await.expect("handshake");
+    let pongs = tokio::spawn(async move {
+        let pong = client_frame(0xA, b"");
+        for _ in 0..200 {
+            if stuck.write_all(&pong).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut talker = server.connect().await;
+    server.wait_metric("hubbub_connections", 2).await;
+    let body = vec![7u8; 1 << 20];
+    for _ in 0..24 {
+        talker
+            .send(Message::binary(body.clone()))
+            .await
+            .expect("send");
+        next_data(&mut talker).await;
+    }
+    let _talker = keep_reading(talker);
+    server.wait_metric("hubbub_connections", 1).await;
+    assert_eq!(
+        server
+            .metric("hubbub_slow_consumer_disconnects_total")
+            .await,
+        1
+    );
+    pongs.abort();
+}
+
 /// Reads until the server closes the socket; fails if it stays open.
 async fn expect_dropped(mut stream: TcpStream) -> Vec<u8> {
     let mut got = Vec::new();
