@@ -12,12 +12,12 @@
 #               is no server at all: `hubbub-bench floor` sends the fanout
 #               scenarios' messages straight to loopback sockets, the least
 #               latency any server could show on this machine
-#   SCENARIOS   subset of: fanout-100 fanout-1000 saturate-100 idle-10000 slow-50
+#   SCENARIOS   subset of: fanout-100 fanout-1000 saturate-100 large-60k idle-10000 slow-50
 #               (floor runs only the two fanout scenarios)
 #   FLOOR_THREADS  sending threads of the floor run (default: the core count)
-#   DURATION    seconds measured per fanout/saturate run (default 10)
+#   DURATION    seconds measured per fanout/saturate/large run (default 10)
 #   PORT        first WebSocket port; each server start takes the next one
-#               (default 18081, so 18081..18090 for the full run)
+#               (default 18081, so 18081..18092 for the full run)
 #   BENCH_ARGS  extra flags for every hubbub-bench run (e.g. "--threads 2")
 #   SLOW_ARGS   extra flags for the slow-consumer run (default "--slow-rcvbuf 4096")
 #   SLOW_SIZE, SLOW_DURATION
@@ -42,7 +42,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 SERVERS=${SERVERS:-"hubbub ws floor"}
-SCENARIOS=${SCENARIOS:-"fanout-100 fanout-1000 saturate-100 idle-10000 slow-50"}
+SCENARIOS=${SCENARIOS:-"fanout-100 fanout-1000 saturate-100 large-60k idle-10000 slow-50"}
 DURATION=${DURATION:-10}
 PORT=${PORT:-18081}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -202,6 +202,10 @@ for name in $SERVERS; do
                 run_bench "$name" "$scenario" fanout -n 1000 -s 5 -r 20 -b 64 -d "$DURATION" ;;
             saturate-100)
                 run_bench "$name" "$scenario" saturate -n 100 -s 10 -b 64 -d "$DURATION" --warmup 2 ;;
+            large-60k)
+                # One sender of 61,440-byte messages (under hubbub's default
+                # 64 KiB max message) and 4 more readers: MB/s taken in.
+                run_bench "$name" "$scenario" saturate -n 5 -s 1 -b 61440 -d "$DURATION" --warmup 2 ;;
             idle-10000)
                 run_bench "$name" "$scenario" idle -n 10000 --hold 5 ;;
             slow-50)

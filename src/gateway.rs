@@ -34,6 +34,7 @@ use crate::listener::Acceptor;
 use crate::metrics::{ConnResult, Metrics};
 use crate::origin::OriginCheck;
 use crate::session::{self, SessionContext};
+use crate::socket::Socket;
 
 /// Refusals of over-capacity connections are themselves bounded, so a flood
 /// beyond `max_connections` costs at most this many small tasks; past it, new
@@ -143,7 +144,7 @@ impl Gateway {
     #[allow(clippy::manual_async_fn)]
     fn session(
         self: Arc<Self>,
-        mut ws: WebSocketStream<TcpStream>,
+        mut ws: WebSocketStream<Socket>,
         id: u64,
         permit: OwnedSemaphorePermit,
     ) -> impl std::future::Future<Output = ()> {
@@ -172,7 +173,7 @@ impl Gateway {
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-    ) -> Option<WebSocketStream<TcpStream>> {
+    ) -> Option<WebSocketStream<Socket>> {
         let (upgrade_tx, mut upgrade_rx) = mpsc::channel(1);
         let service = hyper::service::service_fn(|req: Request<Incoming>| {
             let response = self.answer_handshake(req, &upgrade_tx, peer);
@@ -221,13 +222,8 @@ impl Gateway {
             }
         };
         let config = ws_config(&self.config);
-        let ws = WebSocketStream::from_partially_read(
-            parts.io.into_inner(),
-            parts.read_buf.to_vec(),
-            Role::Server,
-            Some(config),
-        )
-        .await;
+        let socket = Socket::new(parts.io.into_inner(), &parts.read_buf);
+        let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(config)).await;
         Some(ws)
     }
 
@@ -368,8 +364,9 @@ impl Drop for Registered {
 /// peer, allocated up front and zero-filled before every read. With a read
 /// buffer size of 0 it instead reserves exactly what the frame being read
 /// needs (the header, then the payload), so an idle peer holds no read
-/// buffer at all and a large message is still read in one go. Incoming
-/// limits come straight from `max_message_bytes`.
+/// buffer at all; it then asks for 14 bytes per read, which [`Socket`]
+/// serves from one large read of the kernel's. Incoming limits come
+/// straight from `max_message_bytes`.
 pub fn ws_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(0)

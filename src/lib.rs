@@ -14,6 +14,7 @@
 //! - [`hub`]: the task that fans every message out to every peer, and
 //!   keeps the ping schedule.
 //! - [`queue`]: each peer's bounded outbound queue.
+//! - [`socket`]: a peer's TCP socket with large reads and no idle buffer.
 //! - [`page`]: the chat page and its Content-Security-Policy.
 //! - [`metrics`]: the counters behind `/metrics`.
 //! - [`shutdown`]: turning SIGINT/SIGTERM into the shutdown future.
@@ -32,6 +33,7 @@ pub mod queue;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod socket;
 
 pub use config::Config;
 pub use server::{run, Error, Server};

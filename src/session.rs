@@ -19,7 +19,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -33,8 +32,9 @@ use crate::config::Config;
 use crate::hub::{Handoff, HubClosed, HubHandle, Kick, Membership, Outgoing, PeerId};
 use crate::metrics::Metrics;
 use crate::queue::{self, Recv, Signal};
+use crate::socket::Socket;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Socket>;
 
 /// Most queued messages written before one flush; bounds the time a single
 /// write takes before the loop looks at reads, timers and kicks again.
@@ -462,7 +462,7 @@ mod tests {
     use super::*;
     use crate::hub;
     use std::sync::Arc;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio_tungstenite::MaybeTlsStream;
 
     type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -489,7 +489,7 @@ mod tests {
                 .0
         });
         let (tcp, _) = listener.accept().await.expect("accept");
-        let mut ws = tokio_tungstenite::accept_async(tcp)
+        let mut ws = tokio_tungstenite::accept_async(Socket::new(tcp, &[]))
             .await
             .expect("server handshake");
         let world = world.clone();
@@ -609,7 +609,7 @@ mod tests {
             drop(ws);
         });
         let (tcp, _) = listener.accept().await.expect("accept");
-        let mut ws = tokio_tungstenite::accept_async(tcp)
+        let mut ws = tokio_tungstenite::accept_async(Socket::new(tcp, &[]))
             .await
             .expect("handshake");
         let (joined_tx, joined_rx) = tokio::sync::oneshot::channel::<()>();

@@ -39,6 +39,16 @@ fn kib(v: f64) -> String {
 fn mib(v: f64) -> String {
     format!("{v:.1}")
 }
+fn dec2(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+/// Server CPU milliseconds per MB (10^6 bytes) taken in: the cost of the
+/// throughput, comparable between servers that reached different rates.
+fn server_cpu_ms_per_mb_in(r: &Report) -> Option<f64> {
+    let mb = r.mb_in_per_sec? * r.measured_secs;
+    (mb > 0.0).then_some(r.server_cpu_secs? * 1000.0 / mb)
+}
 
 fn metrics_for(mode: &str) -> Vec<Metric> {
     let mut m = Vec::new();
@@ -56,6 +66,12 @@ fn metrics_for(mode: &str) -> Vec<Metric> {
                     better: Better::Higher,
                     get: |r| r.peak_deliveries_per_sec,
                     fmt: int,
+                });
+                m.push(Metric {
+                    name: "MB/s in (10^6 B/s)",
+                    better: Better::Higher,
+                    get: |r| r.mb_in_per_sec,
+                    fmt: dec2,
                 });
             }
             m.push(Metric {
@@ -135,6 +151,20 @@ fn metrics_for(mode: &str) -> Vec<Metric> {
         get: |r| r.server_cpu_pct,
         fmt: pct1,
     });
+    if mode == "saturate" {
+        m.push(Metric {
+            name: "server CPU s",
+            better: Better::Info,
+            get: |r| r.server_cpu_secs,
+            fmt: dec2,
+        });
+        m.push(Metric {
+            name: "server CPU ms per MB in",
+            better: Better::Lower,
+            get: server_cpu_ms_per_mb_in,
+            fmt: dec2,
+        });
+    }
     m.push(Metric {
         name: "tool CPU % of a core",
         better: Better::Info,
@@ -420,6 +450,48 @@ mod tests {
         // 95,000/950 vs 100,000/1000 = 100%; 40,000/950 vs 50,000/1000 = 84.2%.
         let kept = line("vs none slow", 0);
         assert!(kept.contains("100.0%") && kept.contains("84.2%"), "{kept}");
+    }
+
+    #[test]
+    fn saturate_rows_show_mb_in_and_server_cpu() {
+        let sat = |server: &str, mb: f64, cpu_secs: f64| Report {
+            mode: "saturate".into(),
+            label: Some("large-60k".into()),
+            server: Some(server.into()),
+            size: Some(61_440),
+            measured_secs: 10.0,
+            deliveries_per_sec: Some(mb * 1e6 / 61_440.0 * 5.0),
+            mb_in_per_sec: Some(mb),
+            server_cpu_pct: Some(cpu_secs * 10.0),
+            server_cpu_secs: Some(cpu_secs),
+            ..Report::default()
+        };
+        // hubbub: 400 MB/s for 8 CPU s (2 ms/MB); ws: 100 MB/s for 10 CPU s (10 ms/MB).
+        let t = table(
+            &[sat("hubbub", 400.0, 8.0), sat("ws", 100.0, 10.0)],
+            None,
+            None,
+        );
+        let line = |name: &str| t.lines().find(|l| l.contains(name)).unwrap().to_string();
+        let mb = line("MB/s in");
+        assert!(
+            mb.contains("400.00") && mb.contains("100.00") && mb.trim_end().ends_with("4.00x"),
+            "{t}"
+        );
+        let secs = line("server CPU s ");
+        assert!(secs.contains("8.00") && secs.contains("10.00"), "{t}");
+        assert!(
+            !secs.trim_end().ends_with('x'),
+            "CPU seconds are not compared: {t}"
+        );
+        let per = line("ms per MB in");
+        assert!(
+            per.contains("2.00") && per.contains("10.00") && per.trim_end().ends_with("5.00x"),
+            "{t}"
+        );
+        // Fanout blocks get none of these rows.
+        let f = table(&[fanout("a", "x", 1.0, 1.0, 0)], None, None);
+        assert!(!f.contains("MB/s in") && !f.contains("server CPU s"), "{f}");
     }
 
     #[test]

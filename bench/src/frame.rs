@@ -467,6 +467,70 @@ mod tests {
     }
 
     #[test]
+    fn reader_takes_60k_frames_in_any_chunking() {
+        // 61,440 bytes (the large-message scenario) is a 16-bit length;
+        // 65,535 the largest 16-bit one; 65,536 and 70,000 take 64 bits.
+        let sizes = [61_440usize, 61_440, 65_535, 65_536, 61_440, 70_000, 61_440];
+        let mut stream = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let payload: Vec<u8> = (0..n).map(|j| ((i * 7 + j) % 251) as u8).collect();
+            let f = server_frame(true, OP_TEXT, &payload);
+            assert_eq!(
+                f[1],
+                if n <= 0xffff { 126 } else { 127 },
+                "length form of {n}"
+            );
+            stream.extend(f);
+        }
+        // Whole reads of all sizes, odd ones so frames and headers straddle them.
+        for chunk in [1usize, 3, 1000, 4096, 61_443, 65_536, 200_000] {
+            for start_cap in [256usize, 4096] {
+                let mut r = FrameReader::new(start_cap, 1 << 20);
+                let mut got = Vec::new();
+                let mut off = 0;
+                while off < stream.len() {
+                    let sp = r.spare();
+                    let n = sp.len().min(chunk).min(stream.len() - off);
+                    sp[..n].copy_from_slice(&stream[off..off + n]);
+                    r.filled(n);
+                    off += n;
+                    while let Some(f) = r.next_frame().unwrap() {
+                        assert!(f.fin && f.opcode == OP_TEXT);
+                        let i = got.len();
+                        assert!(
+                            f.payload
+                                .iter()
+                                .enumerate()
+                                .all(|(j, &b)| b == ((i * 7 + j) % 251) as u8),
+                            "payload {i} (chunk {chunk}, start {start_cap})"
+                        );
+                        got.push(f.payload.len());
+                    }
+                }
+                assert_eq!(got, sizes, "chunk {chunk}, start {start_cap}");
+                assert_eq!(r.pending(), 0);
+                // Grown by doubling to hold the largest frame, no further.
+                assert!(r.capacity() >= 70_010 && r.capacity() <= 2 * 70_010);
+            }
+        }
+        // A reader that has only seen 60 KB frames stops growing at 64 KiB.
+        let one = server_frame(true, OP_TEXT, &[b'.'; 61_440]);
+        let mut r = FrameReader::new(4096, 1 << 20);
+        for _ in 0..50 {
+            let mut off = 0;
+            while off < one.len() {
+                let sp = r.spare();
+                let n = sp.len().min(one.len() - off);
+                sp[..n].copy_from_slice(&one[off..off + n]);
+                r.filled(n);
+                off += n;
+            }
+            assert_eq!(r.next_frame().unwrap().unwrap().payload.len(), 61_440);
+        }
+        assert_eq!(r.capacity(), 65_536);
+    }
+
+    #[test]
     fn reader_keeps_its_buffer_when_frames_fit() {
         let f = server_frame(true, OP_TEXT, &[b'x'; 64]);
         let mut r = FrameReader::new(4096, 1 << 20);

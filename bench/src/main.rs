@@ -27,7 +27,7 @@ enum Mode {
     Fanout(FanoutArgs),
     /// S senders send as fast as the server takes it, each with at most
     /// --window unconfirmed messages (its own echo confirms one). Reports
-    /// the deliveries/s reached.
+    /// the deliveries/s reached and the MB/s the server took in (10^6 B).
     Saturate(SaturateArgs),
     /// Opens N idle connections and holds them; with --server-pid reports
     /// the server's RSS per connection.
@@ -135,6 +135,7 @@ struct SaturateArgs {
     clients: usize,
     #[arg(short = 's', long, default_value_t = 10)]
     senders: usize,
+    /// Message size in bytes (B, at least 36; large-60k uses 61440).
     #[arg(short = 'b', long, default_value_t = 64)]
     size: usize,
     /// Unconfirmed messages allowed per sender.

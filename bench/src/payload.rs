@@ -94,6 +94,15 @@ pub fn restamp(out: &mut [u8], seq: u64, ts_ns: u64) {
     put_hex(&mut out[22..36], ts_ns);
 }
 
+/// Whether every byte is the padding byte. Checked in 256-byte blocks with
+/// no early exit inside a block, which the compiler vectorizes: a 60 KB
+/// message takes under a microsecond instead of about 17 (a byte-by-byte
+/// `any`), per reader, on the tool's one thread.
+fn all_padding(s: &[u8]) -> bool {
+    s.chunks(256)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | (b ^ PAD)) == 0)
+}
+
 /// Decodes a message. `expect_len`, when given, is the exact size this run
 /// sends; anything else is rejected, so truncation or padding by a server
 /// cannot go unnoticed.
@@ -113,7 +122,7 @@ pub fn decode(msg: &[u8], expect_len: Option<usize>) -> Result<Header, DecodeErr
     let sender = get_hex(&msg[6..12]).ok_or(DecodeError::Format)?;
     let seq = get_hex(&msg[12..22]).ok_or(DecodeError::Format)?;
     let ts_ns = get_hex(&msg[22..36]).ok_or(DecodeError::Format)?;
-    if msg[HEADER_LEN..].iter().any(|&b| b != PAD) {
+    if !all_padding(&msg[HEADER_LEN..]) {
         return Err(DecodeError::Format);
     }
     Ok(Header {
@@ -209,5 +218,29 @@ mod tests {
         let mut bad = buf;
         bad[63] = b'!';
         assert_eq!(decode(&bad, Some(64)), Err(DecodeError::Format));
+    }
+
+    #[test]
+    fn large_messages_reject_one_bad_padding_byte_anywhere() {
+        let size = 61_440;
+        let mut buf = vec![0u8; size];
+        encode(&mut buf, &sample());
+        assert_eq!(decode(&buf, Some(size)), Ok(sample()));
+        // First padding byte, block edges of the check, the middle, the last byte.
+        for at in [
+            HEADER_LEN,
+            HEADER_LEN + 255,
+            HEADER_LEN + 256,
+            size / 2,
+            size - 1,
+        ] {
+            let mut bad = buf.clone();
+            bad[at] = b'-';
+            assert_eq!(
+                decode(&bad, Some(size)),
+                Err(DecodeError::Format),
+                "at {at}"
+            );
+        }
     }
 }

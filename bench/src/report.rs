@@ -70,6 +70,12 @@ pub struct Report {
     /// Best one-second window of deliveries within the measured interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_deliveries_per_sec: Option<f64>,
+    /// Saturate: what the server took in from the senders during the
+    /// measured interval, in MB/s (MB = 10^6 bytes of message payload):
+    /// bytes of the senders' confirmed messages (echoed back to them) /
+    /// the interval's length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mb_in_per_sec: Option<f64>,
     /// Sequence numbers readers never received.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<u64>,
@@ -116,6 +122,10 @@ pub struct Report {
     /// The server's CPU over the measured interval, % of one core.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_cpu_pct: Option<f64>,
+    /// The server's CPU time (user + system, all threads) over the measured
+    /// interval, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_cpu_secs: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_rss_kib_before: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,6 +231,12 @@ impl Report {
             opt(self.peak_deliveries_per_sec, rate),
         ));
         rows.push((
+            "MB/s in (10^6 B/s)",
+            opt(self.mb_in_per_sec, |m| {
+                format!("{m:.2} received by the server from the senders")
+            }),
+        ));
+        rows.push((
             "lost",
             opt(self.lost, |l| match (self.lost_gaps, self.lost_tail) {
                 (Some(g), Some(t)) if l > 0 => {
@@ -278,7 +294,13 @@ impl Report {
         rows.push((
             "server CPU",
             opt(self.server_cpu_pct, |c| {
-                format!("{c:.1}% of a core (pid {})", self.server_pid.unwrap_or(0))
+                let secs = self
+                    .server_cpu_secs
+                    .map_or(String::new(), |s| format!(", {s:.2} CPU s"));
+                format!(
+                    "{c:.1}% of a core{secs} (pid {})",
+                    self.server_pid.unwrap_or(0)
+                )
             }),
         ));
         rows.push((

@@ -635,6 +635,15 @@ fn sum_sent(senders: &[Client]) -> u64 {
         .sum()
 }
 
+/// Messages of these senders the server has echoed back to them: what it
+/// has taken in from them (and relayed).
+fn sum_confirmed(senders: &[Client]) -> u64 {
+    senders
+        .iter()
+        .map(|c| c.shared.confirmed.load(Ordering::Acquire))
+        .sum()
+}
+
 fn sum_received(clients: &[Arc<Shared>]) -> u64 {
     clients
         .iter()
@@ -832,6 +841,7 @@ fn finish_cpu(report: &mut Report, mark: &CpuMark, pid: Option<u32>) {
     let u = mark.since(pid);
     report.tool_cpu_pct = u.tool_pct;
     report.server_cpu_pct = u.server_pct;
+    report.server_cpu_secs = u.server_secs;
     report.machine_cpu_pct = u.machine_pct;
     report.other_cpu_pct = u.other_pct;
 }
@@ -1110,10 +1120,12 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     let t0 = Instant::now();
     let r0 = sum_received(&readers);
     let s0 = sum_sent(&clients[..cfg.senders]);
+    let c0 = sum_confirmed(&clients[..cfg.senders]);
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(cfg.duration).await;
     let r1 = sum_received(&readers);
     let s1 = sum_sent(&clients[..cfg.senders]);
+    let c1 = sum_confirmed(&clients[..cfg.senders]);
     let measured = t0.elapsed().as_secs_f64();
     measuring.store(false, Ordering::Relaxed);
     finish_cpu(&mut report, &cpu, common.server_pid);
@@ -1131,6 +1143,8 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     fill_deliveries(&mut report, &collected, sent_total, nreaders);
     report.measured_secs = measured;
     report.send_rate = Some((s1 - s0) as f64 / measured);
+    // Payload bytes the server took in from the senders, MB = 10^6 bytes.
+    report.mb_in_per_sec = Some((c1 - c0) as f64 * cfg.size as f64 / 1e6 / measured);
     let dps = (r1 - r0) as f64 / measured;
     report.deliveries_per_sec = Some(dps);
     report.deliveries_per_sec_per_reader = (nreaders > 0).then(|| dps / nreaders as f64);

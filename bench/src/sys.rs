@@ -127,6 +127,8 @@ pub struct CpuMark {
 pub struct CpuUse {
     pub tool_pct: f64,
     pub server_pct: Option<f64>,
+    /// CPU seconds (user + system) the server used over the interval.
+    pub server_secs: Option<f64>,
     pub machine_pct: Option<f64>,
     /// machine - tool - server (never below 0): other processes, noise.
     pub other_pct: Option<f64>,
@@ -145,16 +147,19 @@ impl CpuMark {
     pub fn since(&self, server_pid: Option<u32>) -> CpuUse {
         let end = CpuMark::now(server_pid);
         let wall = end.at.duration_since(self.at).as_secs_f64().max(1e-9);
-        let pct = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) => Some((b - a) / wall * 100.0),
+        let secs = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => Some((b - a).max(0.0)),
             _ => None,
         };
+        let pct = |s: Option<f64>| s.map(|s| s / wall * 100.0);
         let tool_pct = (end.tool - self.tool) / wall * 100.0;
-        let server_pct = pct(self.server, end.server);
-        let machine_pct = pct(self.machine, end.machine);
+        let server_secs = secs(self.server, end.server);
+        let server_pct = pct(server_secs);
+        let machine_pct = pct(secs(self.machine, end.machine));
         CpuUse {
             tool_pct,
             server_pct,
+            server_secs,
             machine_pct,
             other_pct: machine_pct.map(|m| (m - tool_pct - server_pct.unwrap_or(0.0)).max(0.0)),
         }
@@ -206,6 +211,10 @@ mod tests {
         std::hint::black_box(x);
         let u = m.since(Some(pid));
         assert!(u.tool_pct >= 0.0 && u.server_pct.is_some());
+        // The server's seconds and its % describe the same interval.
+        let secs = u.server_secs.unwrap();
+        assert!(secs >= 0.0);
+        assert!(u.server_pct.unwrap() >= 0.0);
         assert!(raise_nofile_limit().unwrap() > 0);
     }
 }

@@ -195,6 +195,52 @@ async fn saturate_keeps_counts_consistent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturate_with_60k_messages_reports_mb_in_and_server_cpu() {
+    // compare.sh's large-60k shape: one sender, four more readers, 61,440 B.
+    let srv = start_server(ServerOpts::default()).await;
+    let mut c = common(srv.addr);
+    c.server_pid = Some(std::process::id()); // the server runs in this process
+    let size = 61_440;
+    let cfg = SaturateCfg {
+        clients: 5,
+        senders: 1,
+        size,
+        window: 16,
+        max_lag: 200,
+        warmup: Duration::from_millis(200),
+        duration: Duration::from_millis(700),
+        drain: Duration::from_secs(5),
+    };
+    let r = run::saturate(&c, &cfg).await.unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let sent = r.sent.unwrap();
+    assert!(sent > 0);
+    assert_eq!(r.readers, Some(5));
+    assert_eq!(r.received, Some(sent * 5));
+    assert_eq!(r.lost, Some(0));
+    assert_eq!(r.duplicates, Some(0));
+    assert_eq!(r.closed_by_server, Some(0));
+    // Only the greeting is foreign: every 60 KB message decoded as ours.
+    assert_eq!(r.foreign, Some(5));
+    let mb = r.mb_in_per_sec.unwrap();
+    assert!(mb > 0.0, "MB/s in: {mb}");
+    // MB/s x seconds is a whole number of 61,440-byte messages (10^6 B per MB).
+    let msgs = mb * 1e6 * r.measured_secs / size as f64;
+    assert!(msgs >= 1.0 && (msgs - msgs.round()).abs() < 1e-6, "{msgs}");
+    assert!(msgs.round() as u64 <= sent);
+    let cpu = r.server_cpu_secs.expect("server CPU seconds");
+    assert!(cpu >= 0.0 && cpu <= 2.5 * r.measured_secs, "{cpu}");
+    let t = r.to_table();
+    assert!(
+        t.contains("MB/s in (10^6 B/s)") && t.contains("CPU s"),
+        "{t}"
+    );
+    let back: hubbub_bench::report::Report = serde_json::from_str(&r.to_json_line()).unwrap();
+    assert_eq!(back.mb_in_per_sec, Some(mb));
+    assert_eq!(back.server_cpu_secs, Some(cpu));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_holds_connections_and_reads_rss() {
     let srv = start_server(ServerOpts::default()).await;
     let mut c = common(srv.addr);
