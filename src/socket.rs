@@ -28,9 +28,10 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
 }
 
-/// A TCP stream with read-ahead for callers that read in small pieces.
-pub struct Socket {
-    tcp: TcpStream,
+/// A TCP stream (or, in tests, any stream) with read-ahead for callers that
+/// read in small pieces.
+pub struct Socket<S = TcpStream> {
+    tcp: S,
     /// Bytes read from the kernel but not yet asked for; empty (and not
     /// allocated) whenever the caller has caught up.
     ahead: Box<[u8]>,
@@ -38,10 +39,10 @@ pub struct Socket {
     taken: usize,
 }
 
-impl Socket {
+impl<S> Socket<S> {
     /// Wraps a stream; `early` is what was read before the wrapper existed
     /// (bytes a client sent right behind its handshake request).
-    pub fn new(tcp: TcpStream, early: &[u8]) -> Socket {
+    pub fn new(tcp: S, early: &[u8]) -> Socket<S> {
         Socket {
             tcp,
             ahead: early.into(),
@@ -62,7 +63,7 @@ impl Socket {
     }
 }
 
-impl AsyncRead for Socket {
+impl<S: AsyncRead + Unpin> AsyncRead for Socket<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -95,7 +96,7 @@ impl AsyncRead for Socket {
     }
 }
 
-impl AsyncWrite for Socket {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Socket<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -133,6 +134,55 @@ mod tests {
 
     /// Small reads see every byte in order, the early bytes first, and the
     /// read-ahead is released once it has been handed out.
+    /// Counts the reads that reach the stream below.
+    struct Counted<S> {
+        inner: S,
+        reads: usize,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            if buf.filled().len() > before {
+                this.reads += 1;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What tungstenite does with a 60 KB message: 14-byte reads. They must
+    /// come from a handful of large reads of the socket, not thousands.
+    #[tokio::test]
+    async fn a_large_message_read_in_small_pieces_takes_few_socket_reads() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let message = vec![9u8; 60 * 1024];
+        client.write_all(&message).await.expect("write");
+        let mut socket = Socket::new(
+            Counted {
+                inner: server,
+                reads: 0,
+            },
+            &[],
+        );
+        let mut got = 0;
+        let mut piece = [0u8; 14];
+        while got < message.len() {
+            got += socket.read(&mut piece).await.expect("read");
+        }
+        assert!(
+            socket.tcp.reads <= 2,
+            "{} socket reads for one 60 KB message",
+            socket.tcp.reads
+        );
+        assert!(socket.ahead.is_empty());
+    }
+
     #[tokio::test]
     async fn small_reads_get_every_byte_and_nothing_is_kept() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
