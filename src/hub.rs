@@ -136,19 +136,20 @@ const BATCH: usize = 64;
 /// keeps bursts from many peers from making readers wait.
 const INBOUND: usize = 4096;
 
-/// Starts the hub task. It runs until `shutdown` fires, then delivers every
+/// Makes a hub: the handle peers use, and the hub's task for the caller to
+/// spawn (the server watches it). It runs until `shutdown` fires, then delivers every
 /// message it has already accepted and drops all peers' queues, which tells
 /// each connection to finish writing and close with 1001.
 ///
 /// Every `ping_interval` it also asks every peer to ping (the heartbeat):
 /// one timer here instead of one per peer, which every idle peer would
 /// carry.
-pub fn spawn(
+pub fn new(
     send_queue: usize,
     ping_interval: Duration,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> (HubHandle, tokio::task::JoinHandle<()>) {
+) -> (HubHandle, impl Future<Output = ()> + Send + 'static) {
     let (messages, rx) = mpsc::channel(INBOUND);
     let (members, members_rx) = mpsc::unbounded_channel();
     let handle = HubHandle {
@@ -156,7 +157,7 @@ pub fn spawn(
         members,
         send_queue,
     };
-    let task = tokio::spawn(Hub::default().run(rx, members_rx, ping_interval, metrics, shutdown));
+    let task = Hub::default().run(rx, members_rx, ping_interval, metrics, shutdown);
     (handle, task)
 }
 

@@ -58,7 +58,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match server.run(hubbub::shutdown::signal()).await {
+        let shutdown = hubbub::shutdown::Signals::install().shutdown();
+        match server.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hubbub: {e}");

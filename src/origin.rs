@@ -32,12 +32,27 @@ impl OriginCheck {
         let Some(origin) = origin else {
             return true;
         };
-        let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+        if self.policy == OriginPolicy::Any {
+            return true;
+        }
+        // Anything that is not a plain http(s) origin ("null" from a
+        // sandboxed frame or a file, garbage) matches no rule.
+        let Some(origin) = normalise(origin) else {
+            return false;
+        };
         match &self.policy {
             OriginPolicy::Any => true,
             OriginPolicy::List(list) => list.contains(&origin),
             OriginPolicy::SameHost => self.is_own_origin(&origin, host_header),
         }
+    }
+
+    /// Whether the default policy may rely on the `Host` header. On a
+    /// loopback bind it may not: a page on any site whose name is rebound
+    /// to 127.0.0.1 (DNS rebinding) sends its own name as both Origin and
+    /// Host, so only loopback names count as this server's own there.
+    pub fn trusts_host_header(&self) -> bool {
+        !self.bind_host.is_loopback()
     }
 
     fn is_own_origin(&self, origin: &str, host_header: Option<&str>) -> bool {
@@ -47,24 +62,46 @@ impl OriginCheck {
         if port != self.http_port {
             return false;
         }
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
+        if !self.trusts_host_header() {
+            return host == "localhost" || ip.is_some_and(|ip| ip.is_loopback());
+        }
         if let Some(request_host) = host_header.map(strip_port) {
             if request_host.eq_ignore_ascii_case(host) {
                 return true;
             }
         }
-        if let Ok(ip) = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
-            if ip == self.bind_host {
-                return true;
-            }
-            if self.bind_host.is_loopback() && ip.is_loopback() {
-                return true;
-            }
-        }
-        self.bind_host.is_loopback() && host == "localhost"
+        ip.is_some_and(|ip| ip == self.bind_host || ip.is_loopback()) || host == "localhost"
+    }
+}
+
+/// An origin in the one form both sides of a comparison use: lower case,
+/// no trailing slash, no default port (`https://chat.example.com:443/` ->
+/// `https://chat.example.com`). `None` for anything that is not an http or
+/// https origin with a host and at most a port.
+pub fn normalise(origin: &str) -> Option<String> {
+    let lower = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    let (scheme, rest) = lower.split_once("://")?;
+    if rest.is_empty()
+        || rest
+            .chars()
+            .any(|c| matches!(c, '/' | '@' | '?' | '#' | '\\') || c.is_whitespace())
+    {
+        return None;
+    }
+    let (host, port) = split_origin(&lower)?;
+    if host.is_empty() || host == "[]" {
+        return None;
+    }
+    let default = if scheme == "https" { 443 } else { 80 };
+    if port == default {
+        Some(format!("{scheme}://{host}"))
+    } else {
+        Some(format!("{scheme}://{host}:{port}"))
     }
 }
 
@@ -134,6 +171,41 @@ mod tests {
         let c = same_host(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert!(c.allows(Some("http://chat.lan:8080"), Some("chat.lan:8081")));
         assert!(!c.allows(Some("http://evil.lan:8080"), Some("chat.lan:8081")));
+    }
+
+    #[test]
+    fn a_rebound_name_is_not_this_server_on_a_loopback_bind() {
+        let c = same_host(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert!(!c.allows(Some("http://evil.example:8080"), Some("evil.example:8081")));
+        assert!(c.allows(Some("http://[::1]:8080"), Some("[::1]:8081")));
+    }
+
+    #[test]
+    fn default_ports_are_normalised_on_both_sides() {
+        assert_eq!(
+            normalise("HTTPS://Chat.Example.com:443/").as_deref(),
+            Some("https://chat.example.com")
+        );
+        assert_eq!(
+            normalise("http://chat.example.com:80").as_deref(),
+            Some("http://chat.example.com")
+        );
+        assert_eq!(
+            normalise("http://chat.example.com:8080").as_deref(),
+            Some("http://chat.example.com:8080")
+        );
+        assert_eq!(normalise("null"), None);
+        assert_eq!(normalise("http://a.b/path"), None);
+        assert_eq!(normalise("ftp://a.b"), None);
+        assert_eq!(normalise("http://"), None);
+        let c = OriginCheck {
+            policy: OriginPolicy::List(vec!["https://chat.example.com".into()]),
+            http_port: 8080,
+            bind_host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        assert!(c.allows(Some("https://chat.example.com"), None));
+        assert!(c.allows(Some("https://chat.example.com:443"), None));
+        assert!(!c.allows(Some("https://chat.example.com:8443"), None));
     }
 
     #[test]

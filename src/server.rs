@@ -7,12 +7,16 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -33,6 +37,10 @@ pub enum Error {
     Page(#[from] PageError),
     #[error("cannot read the address of a bound listener: {0}")]
     LocalAddr(io::Error),
+    /// A task the server cannot work without ended on its own. The server
+    /// shuts down rather than run half-dead behind a green `/healthz`.
+    #[error("the {what} stopped unexpectedly ({why}); the server shut down")]
+    Crashed { what: &'static str, why: String },
 }
 
 /// A server whose listeners are bound but not yet serving.
@@ -102,12 +110,18 @@ impl Server {
         let tracker = TaskTracker::new();
 
         let page = Arc::new(page);
-        let (hub, hub_task) = hub::spawn(
+        let (crashes, mut crashed) = mpsc::unbounded_channel();
+        let watch = Watch {
+            stop: stop.clone(),
+            crashes,
+        };
+        let (hub, hub_task) = hub::new(
             config.send_queue,
             config.ping_interval,
             metrics.clone(),
             stop.clone(),
         );
+        let hub_task = watch.spawn("hub", hub_task);
 
         let page_url = format!("http://{}/", display_addr(http_addr));
         let gateway = Arc::new(Gateway {
@@ -125,16 +139,13 @@ impl Server {
             page_url: page_url.clone(),
             sessions: Default::default(),
         });
-        let ws_task = tokio::spawn(gateway.clone().serve(ws));
+        let ws_task = watch.spawn("WebSocket listener", gateway.clone().serve(ws));
 
         let app = http::router(page, metrics.clone());
-        let http_task = tokio::spawn(http::serve(
-            http,
-            app,
-            stop.clone(),
-            force.clone(),
-            tracker.clone(),
-        ));
+        let http_task = watch.spawn(
+            "HTTP listener",
+            http::serve(http, app, stop.clone(), force.clone(), tracker.clone()),
+        );
 
         info!(
             page = %page_url,
@@ -142,7 +153,13 @@ impl Server {
             "hubbub listening: open {page_url} in a browser",
         );
 
-        shutdown.await;
+        let crash = tokio::select! {
+            _ = shutdown => None,
+            Some(crash) = crashed.recv() => Some(crash),
+        };
+        if let Some((what, why)) = &crash {
+            error!(what, why, "a core task stopped unexpectedly; shutting down");
+        }
         info!("shutting down");
         stop.cancel();
         let _ = ws_task.await;
@@ -164,8 +181,44 @@ impl Server {
             tracker.wait().await;
         }
         info!(peers_closed = open, "stopped");
-        Ok(())
+        match crash.or_else(|| crashed.try_recv().ok()) {
+            Some((what, why)) => Err(Error::Crashed { what, why }),
+            None => Ok(()),
+        }
     }
+}
+
+/// Runs the server's core tasks (hub, listeners) and reports any that ends
+/// before shutdown began, or panics at any time.
+struct Watch {
+    stop: CancellationToken,
+    crashes: mpsc::UnboundedSender<(&'static str, String)>,
+}
+
+impl Watch {
+    fn spawn<F>(&self, what: &'static str, task: F) -> JoinHandle<()>
+    where
+        F: Future + Send + 'static,
+    {
+        let (stop, crashes) = (self.stop.clone(), self.crashes.clone());
+        tokio::spawn(async move {
+            let why = match AssertUnwindSafe(task).catch_unwind().await {
+                Ok(_) if stop.is_cancelled() => return,
+                Ok(_) => "it returned before shutdown".to_string(),
+                Err(panic) => panic_message(&*panic),
+            };
+            let _ = crashes.send((what, why));
+        })
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("panicked: {text}")
 }
 
 /// Binds with `config` and serves until `shutdown` completes.
@@ -187,4 +240,37 @@ fn display_addr(addr: SocketAddr) -> String {
         addr.ip().to_string()
     };
     format!("{ip}:{}", addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch() -> (Watch, mpsc::UnboundedReceiver<(&'static str, String)>) {
+        let (crashes, crashed) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        (Watch { stop, crashes }, crashed)
+    }
+
+    #[tokio::test]
+    async fn a_core_task_that_panics_or_ends_early_is_reported() {
+        let (watch, mut crashed) = watch();
+        let _ = watch.spawn("hub", async { panic!("boom") }).await;
+        let (what, why) = crashed.recv().await.expect("a report");
+        assert_eq!(what, "hub");
+        assert!(why.contains("boom"), "{why}");
+        let _ = watch.spawn("HTTP listener", async {}).await;
+        let (what, why) = crashed.recv().await.expect("a report");
+        assert_eq!(what, "HTTP listener");
+        assert!(why.contains("before shutdown"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_core_task_that_ends_after_shutdown_began_is_not_a_crash() {
+        let (watch, mut crashed) = watch();
+        watch.stop.cancel();
+        let _ = watch.spawn("hub", async {}).await;
+        drop(watch);
+        assert!(crashed.recv().await.is_none());
+    }
 }

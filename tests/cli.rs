@@ -781,3 +781,26 @@ async fn a_peer_that_ignores_the_close_delays_exit_by_at_most_the_grace() {
     );
     drop(rude);
 }
+
+/// A second signal during the graceful shutdown ends the process at once
+/// (non-zero), however long `shutdown_grace` is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_shutdown_exits_at_once() {
+    let mut server = start(&["--shutdown-grace", "60s"]);
+    // This peer never answers the close, so the grace would run its course.
+    let rude = connect(&server.ws_url).await;
+    server.proc.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    server.proc.signal(libc::SIGINT);
+    let status = tokio::task::block_in_place(|| server.proc.wait(WAIT));
+    let elapsed = signalled.elapsed();
+    assert_code(status, 130, &server.proc.stdout(), &server.proc.stderr());
+    assert!(elapsed < Duration::from_secs(5), "exit took {elapsed:?}");
+    assert!(
+        server.proc.stderr().contains("SIGINT during shutdown"),
+        "{}",
+        server.proc.stderr()
+    );
+    drop(rude);
+}

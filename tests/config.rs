@@ -432,8 +432,8 @@ fn durations_take_units() {
     ] {
         let c = ok(&["--shutdown-grace", text], &[]);
         assert_eq!(c.shutdown_grace, want, "--shutdown-grace {text}");
-        let c = ok(&[], &[("HUBBUB_HANDSHAKE_TIMEOUT", text)]);
-        assert_eq!(c.handshake_timeout, want, "HUBBUB_HANDSHAKE_TIMEOUT={text}");
+        let c = ok(&[], &[("HUBBUB_SHUTDOWN_GRACE", text)]);
+        assert_eq!(c.shutdown_grace, want, "HUBBUB_SHUTDOWN_GRACE={text}");
         let c = from_file(&format!("shutdown_grace = \"{text}\"\n"));
         assert_eq!(c.shutdown_grace, want, "shutdown_grace = {text:?}");
     }
@@ -442,11 +442,97 @@ fn durations_take_units() {
 #[test]
 fn an_empty_public_ws_url_means_derive_it() {
     assert_eq!(ok(&["--public-ws-url", ""], &[]).public_ws_url, None);
-    // ...and an empty value in a higher layer clears one from a lower layer.
+    // ...and an empty flag clears one from a lower layer (an empty
+    // variable counts as unset: see below).
     let file = TempFile::new("public_ws_url = \"wss://example.com/\"\n");
     assert_eq!(
-        ok(&["--config", &file.arg()], &[("HUBBUB_PUBLIC_WS_URL", "")]).public_ws_url,
+        ok(&["--config", &file.arg(), "--public-ws-url", ""], &[]).public_ws_url,
         None
+    );
+}
+
+/// Compose's `${VAR}` with VAR unset gives an empty variable: for every key
+/// it counts as unset, so the file's value (or the default) stays.
+#[test]
+fn an_empty_variable_counts_as_unset_for_every_key() {
+    let dir = TempDir::new(true);
+    let file = TempFile::new(&format!(
+        r#"host = "0.0.0.0"
+http_port = 9000
+ws_port = 9001
+public_ws_url = "wss://chat.example.com/ws"
+allowed_origins = ["https://chat.example.com"]
+static_dir = "{}"
+max_connections = 50
+max_message_bytes = 1024
+send_queue = 8
+allow_binary = false
+handshake_timeout = "3s"
+ping_interval = "500ms"
+idle_timeout = "2m"
+shutdown_grace = "1500ms"
+log_format = "json"
+"#,
+        dir.arg()
+    ));
+    let only_file = ok(&["--config", &file.arg()], &[]);
+    for key in hubbub::config::KEYS {
+        let var = format!("HUBBUB_{}", key.to_ascii_uppercase());
+        for empty in ["", "  "] {
+            let c = ok(&["--config", &file.arg()], &[(var.as_str(), empty)]);
+            assert!(same(&c, &only_file), "{var}={empty:?} changed the config");
+        }
+    }
+    // Nor does an empty HUBBUB_CONFIG name a file, and the defaults stay.
+    let c = ok(&[], &[("HUBBUB_CONFIG", ""), ("HUBBUB_HOST", "")]);
+    assert!(same(&c, &Config::default()));
+}
+
+/// Every number and duration has an upper bound: a value beyond it is a
+/// start-up error naming the key, never a panic or a server that runs
+/// half-dead (a semaphore too large, a frame reserved whole, a deadline
+/// that overflows).
+#[test]
+fn values_beyond_their_range_are_refused() {
+    for (var, value, key) in [
+        (
+            "HUBBUB_MAX_CONNECTIONS",
+            "2305843009213693952",
+            "max_connections",
+        ),
+        ("HUBBUB_MAX_CONNECTIONS", "1000001", "max_connections"),
+        (
+            "HUBBUB_MAX_MESSAGE_BYTES",
+            "1000000000000",
+            "max_message_bytes",
+        ),
+        (
+            "HUBBUB_MAX_MESSAGE_BYTES",
+            "9223372036854775807",
+            "max_message_bytes",
+        ),
+        ("HUBBUB_SEND_QUEUE", "65537", "send_queue"),
+        (
+            "HUBBUB_HANDSHAKE_TIMEOUT",
+            "10000000000000000000s",
+            "handshake_timeout",
+        ),
+        ("HUBBUB_PING_INTERVAL", "2h", "ping_interval"),
+        (
+            "HUBBUB_IDLE_TIMEOUT",
+            "10000000000000000000s",
+            "idle_timeout",
+        ),
+        ("HUBBUB_SHUTDOWN_GRACE", "1000d", "shutdown_grace"),
+        ("HUBBUB_PING_INTERVAL", "1ms", "ping_interval"),
+    ] {
+        let msg = env_error(var, value, key);
+        assert!(msg.contains("must be from"), "{msg}");
+    }
+    file_error(
+        "max_message_bytes = 1000000000000\n",
+        1,
+        &["key `max_message_bytes`", "from 16 to 16777216"],
     );
 }
 
@@ -797,12 +883,12 @@ fn file_zero_send_queue_and_max_connections() {
     file_error(
         "http_port = 9000\nsend_queue = 0\n",
         2,
-        &["key `send_queue`", "at least 1"],
+        &["key `send_queue`", "from 1 to 65536"],
     );
     file_error(
         "\n\n\nmax_connections = 0\n",
         4,
-        &["key `max_connections`", "at least 1"],
+        &["key `max_connections`", "from 1 to 1000000"],
     );
     file_error("max_connections = -5\n", 1, &["key `max_connections`"]);
     file_error("\nmax_message_bytes = 0\n", 2, &["key `max_message_bytes`"]);
@@ -982,7 +1068,6 @@ fn env_errors_name_the_variable() {
     let dir = TempDir::new(false);
     env_error("HUBBUB_HOST", "not-an-ip", "host");
     env_error("HUBBUB_HTTP_PORT", "eighty", "http_port");
-    env_error("HUBBUB_HTTP_PORT", "", "http_port");
     env_error("HUBBUB_WS_PORT", "65536", "ws_port");
     env_error(
         "HUBBUB_PUBLIC_WS_URL",

@@ -1,0 +1,602 @@
+//! Configuration: one resolved [`Config`] built from four layers.
+//!
+//! Every key can come from CLI flags, `HUBBUB_*` environment variables, a TOML
+//! file or a built-in default, in that order of precedence. Each value keeps a
+//! note of where it came from ([`Source`]) so that a bad value is reported
+//! against the place the operator has to fix: a flag, an environment variable,
+//! or a file with its line number.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+mod values;
+
+use values::{
+    parse_bool, parse_host, parse_log_format, parse_origins, parse_port, parse_static_dir,
+    parse_ws_url, split_list, Count, Parse, Plain, Raw, Span,
+};
+
+/// Where one configuration value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File { path: PathBuf, line: usize },
+    Env { var: String },
+    Flag { name: String },
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => write!(f, "default"),
+            Source::File { path, line } => write!(f, "{}:{}", path.display(), line),
+            Source::Env { var } => write!(f, "environment variable {var}"),
+            Source::Flag { name } => write!(f, "flag --{name}"),
+        }
+    }
+}
+
+/// A configuration problem found at start-up. The message always names the
+/// source (file and line, variable or flag) and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{at}: key `{key}`: {message}")]
+    Invalid {
+        at: Source,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Which browser origins may open a WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginPolicy {
+    /// The HTTP listener's own origin(s), and clients that send no `Origin`.
+    SameHost,
+    /// Any origin at all (`*`).
+    Any,
+    /// Exactly these origins (lower-cased, no trailing slash), plus clients
+    /// that send no `Origin`.
+    List(Vec<String>),
+}
+
+/// Declares every configuration key once. From each line come the
+/// [`Config`] field, its flag (the key in kebab case), its environment
+/// variable (`HUBBUB_` + the key in upper case), its TOML field, its built-in
+/// default (parsed by the same parser as any other value, so the documented
+/// default is the real one) and its `--help` line with default and range.
+///
+/// Each line: `key: Type [raw kind, flag type] = "default", "VALUE NAME",
+/// parser, "help"`. The raw kind is what the TOML file holds (`Text`, `Int`,
+/// `Bool` or `List`); flags and variables are text (`String`), lists
+/// (`Vec<String>`) repeatable and comma-separated. The flag type is spelled
+/// out because clap's derive reads it as written.
+macro_rules! keys {
+    ($(
+        $key:ident: $ty:ty [$raw:ident, $flag:ty] = $default:literal, $value_name:literal, $parse:expr, $help:literal;
+    )*) => {
+        /// The fully resolved, validated configuration the server runs with.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $(pub $key: $ty,)*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config {
+                    $($key: default_of(stringify!($key), $default, &$parse),)*
+                }
+            }
+        }
+
+        impl Config {
+            /// The built-in defaults with every key set in `values` parsed
+            /// over them.
+            fn from_values(values: &Values) -> Result<Config, ConfigError> {
+                let mut c = Config::default();
+                $(
+                    if let Some(x) = get(values, stringify!($key), &$parse)? {
+                        c.$key = x;
+                    }
+                )*
+                Ok(c)
+            }
+        }
+
+        /// Every configuration key, in the order they are documented.
+        pub const KEYS: &[&str] = &[$(stringify!($key)),*];
+
+        /// Which keys take a list (comma-separated in flags and variables).
+        const IS_LIST: &[bool] = &[$(matches!(RawKind::$raw, RawKind::List)),*];
+
+        /// One optional value per configuration key. Any flag left out falls
+        /// back to the environment, then the file, then the default.
+        #[derive(Debug, Default, Clone, Args)]
+        pub struct Settings {
+            /// TOML configuration file (see config.example.toml) [env: HUBBUB_CONFIG]
+            #[arg(long, value_name = "PATH", global = true)]
+            pub config: Option<PathBuf>,
+            $(
+                #[arg(
+                    long,
+                    value_name = $value_name,
+                    global = true,
+                    help = help($help, $default, &$parse),
+                    value_delimiter = RawKind::$raw.delimiter(),
+                )]
+                pub $key: Option<$flag>,
+            )*
+        }
+
+        impl Settings {
+            /// The flags given, as raw values.
+            fn values(&self) -> Vec<(&'static str, Raw)> {
+                let mut out = Vec::new();
+                $(
+                    if let Some(v) = &self.$key {
+                        out.push((stringify!($key), v.raw()));
+                    }
+                )*
+                out
+            }
+        }
+
+        /// The shape of the TOML file. Every field keeps its span so that a
+        /// value which parses but makes no sense can still be reported with
+        /// its line.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileConfig {
+            $($key: Option<toml::Spanned<file_type!($raw)>>,)*
+        }
+
+        impl FileConfig {
+            fn into_values(self) -> Vec<(&'static str, Raw, std::ops::Range<usize>)> {
+                let mut out = Vec::new();
+                $(
+                    if let Some(v) = self.$key {
+                        let span = v.span();
+                        out.push((stringify!($key), Raw::$raw(v.into_inner()), span));
+                    }
+                )*
+                out
+            }
+        }
+    };
+}
+
+macro_rules! file_type {
+    (Text) => { String };
+    (Int) => { i64 };
+    (Bool) => { bool };
+    (List) => { Vec<String> };
+}
+
+keys! {
+    host: IpAddr [Text, String] = "127.0.0.1", "IP", Plain(parse_host),
+        "Address both listeners bind to (0.0.0.0 or :: for every interface)";
+    http_port: u16 [Int, String] = "8080", "PORT", Plain(parse_port),
+        "Port of the HTTP listener (page, /healthz, /metrics); 0 picks a free one";
+    ws_port: u16 [Int, String] = "8081", "PORT", Plain(parse_port),
+        "Port of the WebSocket listener; 0 picks a free one";
+    public_ws_url: Option<String> [Text, String] = "", "URL", Plain(parse_ws_url),
+        "WebSocket URL the page connects to, for a reverse proxy or TLS terminator (empty: ws://<page host>:<ws port>/)";
+    allowed_origins: OriginPolicy [List, Vec<String>] = "", "ORIGIN", Plain(parse_origins),
+        "Origins allowed to open a WebSocket (exact origins or *); repeat or comma-separate (empty: the page's own origin on a loopback bind, and clients sending no Origin)";
+    static_dir: Option<PathBuf> [Text, String] = "", "DIR", Plain(parse_static_dir),
+        "Serve client.html from this directory instead of the built-in page";
+    max_connections: usize [Int, String] = "10000", "N", Count { min: 1, max: 1_000_000 },
+        "Most WebSocket connections at once; more are refused with HTTP 503";
+    max_message_bytes: usize [Int, String] = "65536", "BYTES", Count { min: 16, max: 16 << 20 },
+        "Largest message or frame a peer may send, in bytes; larger closes it with 1009";
+    send_queue: usize [Int, String] = "256", "N", Count { min: 1, max: 65_536 },
+        "Messages queued per peer before it counts as a slow consumer and is closed with 1008";
+    allow_binary: bool [Bool, String] = "true", "BOOL", Plain(parse_bool),
+        "Relay binary messages (false closes senders of binary with 1003)";
+    handshake_timeout: Duration [Text, String] = "10s", "DURATION", Span { min: MIN_DURATION, max: Duration::from_secs(600) },
+        "Time a new connection has to finish the WebSocket handshake";
+    ping_interval: Duration [Text, String] = "25s", "DURATION", Span { min: MIN_DURATION, max: Duration::from_secs(3600) },
+        "How often the server pings each peer";
+    idle_timeout: Duration [Text, String] = "60s", "DURATION", Span { min: MIN_DURATION, max: Duration::from_secs(86_400) },
+        "Close a peer from which nothing (not even a pong) arrived for this long, checked at each ping";
+    shutdown_grace: Duration [Text, String] = "5s", "DURATION", Span { min: MIN_DURATION, max: Duration::from_secs(3600) },
+        "On shutdown, how long to wait for peers to finish the closing handshake";
+    log_format: LogFormat [Text, String] = "text", "FORMAT", Plain(parse_log_format),
+        "Log line format: text or json (RUST_LOG sets the level)";
+}
+
+/// The shortest duration any key takes: below it timers and deadlines stop
+/// meaning anything.
+const MIN_DURATION: Duration = Duration::from_millis(10);
+
+/// Each key's winning raw value and where it came from.
+type Values = HashMap<&'static str, (Raw, Source)>;
+
+/// The kinds of raw value a key can hold in the TOML file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RawKind {
+    Text,
+    Int,
+    Bool,
+    List,
+}
+
+impl RawKind {
+    fn delimiter(self) -> Option<char> {
+        (self == RawKind::List).then_some(',')
+    }
+}
+
+/// What clap hands over for one flag: text, or a list for list keys.
+trait FlagValue {
+    fn raw(&self) -> Raw;
+}
+
+impl FlagValue for String {
+    fn raw(&self) -> Raw {
+        Raw::Text(self.clone())
+    }
+}
+
+impl FlagValue for Vec<String> {
+    fn raw(&self) -> Raw {
+        Raw::List(self.iter().flat_map(|s| split_list(s)).collect())
+    }
+}
+
+/// A key's `--help` line: what it does, its default and its range.
+fn help(what: &str, default: &str, parse: &impl Parse) -> String {
+    let mut line = what.to_string();
+    if !default.is_empty() {
+        line.push_str(&format!(" [default: {default}]"));
+    }
+    if let Some(range) = parse.range() {
+        line.push_str(&format!(" [range: {range}]"));
+    }
+    line
+}
+
+/// Parses a built-in default. They are constants of this file, checked by a
+/// unit test, so a failure here is a bug in the table above, not input.
+fn default_of<P: Parse>(key: &str, default: &str, parse: &P) -> P::Out {
+    match parse.parse(&Raw::Text(default.to_string())) {
+        Ok(v) => v,
+        Err(e) => panic!("built-in default of `{key}` ({default:?}) does not parse: {e}"),
+    }
+}
+
+impl Config {
+    /// A configuration for tests and embedding: loopback, both ports chosen
+    /// by the OS, everything else default.
+    pub fn ephemeral() -> Self {
+        Config {
+            http_port: 0,
+            ws_port: 0,
+            ..Config::default()
+        }
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.http_port)
+    }
+
+    pub fn ws_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.ws_port)
+    }
+
+    /// Resolves the configuration from parsed flags, an environment (a map so
+    /// tests need not touch the process environment) and the file named by
+    /// `--config` or `HUBBUB_CONFIG`.
+    pub fn resolve(flags: &Settings, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        Self::layers(flags, env)?.build(Checks::All)
+    }
+
+    /// Like [`Config::resolve`], with every key checked on its own but not
+    /// against the others. For `hubbub healthcheck`, which only needs to find
+    /// the HTTP listener: `healthcheck --http-port 8081` must not be refused
+    /// because the default `ws_port` is 8081 too, when the server it checks
+    /// was started with its WebSocket listener elsewhere.
+    pub fn resolve_keys(
+        flags: &Settings,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        Self::layers(flags, env)?.build(Checks::KeysOnly)
+    }
+
+    fn layers(flags: &Settings, env: &HashMap<String, String>) -> Result<Layers, ConfigError> {
+        let mut layers = Layers::default();
+        let config_path = flags.config.clone().or_else(|| {
+            env.get("HUBBUB_CONFIG")
+                .filter(|v| !v.trim().is_empty())
+                .map(PathBuf::from)
+        });
+        if let Some(path) = config_path {
+            layers.apply_file(&path)?;
+        }
+        layers.apply_env(env)?;
+        layers.apply_flags(flags);
+        Ok(layers)
+    }
+}
+
+/// Command-line interface. Every configuration key has a flag; any flag left
+/// out falls back to the environment, then the file, then the default.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hubbub",
+    version,
+    about = "A broadcast chat server: every message any peer sends reaches every connected peer.",
+    long_about = "A broadcast chat server: every text message any WebSocket peer sends reaches \
+every connected peer, the sender included, exactly as received.\n\n\
+Settings come from flags, then HUBBUB_* environment variables (HUBBUB_HTTP_PORT, ...), \
+then the TOML file given with --config (or HUBBUB_CONFIG), then the defaults. \
+Durations are written like \"25s\", \"500ms\" or \"2m\"."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check that a server started with the same settings answers on
+    /// /healthz (exit 0 if it does, 1 if not). Meant for container health checks.
+    Healthcheck,
+}
+
+/// Whether [`Layers::build`] also checks keys against each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checks {
+    All,
+    KeysOnly,
+}
+
+/// The winning raw value of each key; later layers overwrite earlier ones.
+#[derive(Default)]
+struct Layers {
+    values: Values,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The top-level key whose entry (key through value) covers `offset`. toml's
+/// type errors point at the value but do not name its key (`invalid type:
+/// string "8080", expected i64`), and the operator should not have to work out
+/// which setting that was; `None` if the file does not even parse as TOML.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let table = toml::de::DeTable::parse(text).ok()?;
+    table
+        .get_ref()
+        .iter()
+        .find(|(k, v)| k.span().start <= offset && offset < v.span().end.max(k.span().end))
+        .map(|(k, _)| k.get_ref().to_string())
+}
+
+impl Layers {
+    fn set(&mut self, key: &'static str, raw: Raw, source: Source) {
+        self.values.insert(key, (raw, source));
+    }
+
+    fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| {
+            let message = e.message().trim_end();
+            let at = e
+                .span()
+                .map(|s| {
+                    let key = key_at(&text, s.start)
+                        .filter(|k| !message.contains(&format!("`{k}`")))
+                        .map(|k| format!("key `{k}`: "))
+                        .unwrap_or_default();
+                    format!("line {}: {key}", line_of(&text, s.start))
+                })
+                .unwrap_or_default();
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("{at}{message}"),
+            }
+        })?;
+        let source = |span: std::ops::Range<usize>| Source::File {
+            path: path.to_path_buf(),
+            line: line_of(&text, span.start),
+        };
+        for (key, raw, span) in file.into_values() {
+            self.set(key, raw, source(span));
+        }
+        Ok(())
+    }
+
+    /// An empty variable counts as unset, for every key: a compose file's
+    /// `${VAR}` with VAR unset produces exactly that, and it should leave the
+    /// file's value or the default in place, not replace it with nothing.
+    fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        for (key, list) in KEYS.iter().zip(IS_LIST) {
+            let var = format!("HUBBUB_{}", key.to_ascii_uppercase());
+            let Some(value) = env.get(&var).filter(|v| !v.trim().is_empty()) else {
+                continue;
+            };
+            let raw = if *list {
+                Raw::List(split_list(value))
+            } else {
+                Raw::Text(value.clone())
+            };
+            self.set(key, raw, Source::Env { var });
+        }
+        Ok(())
+    }
+
+    fn apply_flags(&mut self, flags: &Settings) {
+        for (key, raw) in flags.values() {
+            let name = key.replace('_', "-");
+            self.set(key, raw, Source::Flag { name });
+        }
+    }
+
+    fn build(self, checks: Checks) -> Result<Config, ConfigError> {
+        let v = &self.values;
+        let c = Config::from_values(v)?;
+        if checks == Checks::KeysOnly {
+            return Ok(c);
+        }
+        // Checks that involve two keys are reported against the one the
+        // operator set in the higher layer (see `blame`).
+        if c.http_port != 0 && c.http_port == c.ws_port {
+            let key = blame(v, "http_port", "ws_port");
+            let other = if key == "ws_port" {
+                "http_port"
+            } else {
+                "ws_port"
+            };
+            return Err(invalid(
+                v,
+                key,
+                format!(
+                    "the HTTP and WebSocket listeners cannot share {} ({other} is {} too, {})",
+                    SocketAddr::new(c.host, c.ws_port),
+                    c.ws_port,
+                    provenance(v, other)
+                ),
+            ));
+        }
+        if c.idle_timeout <= c.ping_interval {
+            let key = blame(v, "ping_interval", "idle_timeout");
+            let message = if key == "idle_timeout" {
+                format!(
+                    "must be longer than ping_interval ({}, {})",
+                    humantime::format_duration(c.ping_interval),
+                    provenance(v, "ping_interval")
+                )
+            } else {
+                format!(
+                    "must be shorter than idle_timeout ({}, {})",
+                    humantime::format_duration(c.idle_timeout),
+                    provenance(v, "idle_timeout")
+                )
+            };
+            return Err(invalid(
+                v,
+                key,
+                format!("{message}, or peers that answer pings would be timed out"),
+            ));
+        }
+        Ok(c)
+    }
+}
+
+fn source_of(values: &Values, key: &str) -> Source {
+    values
+        .get(key)
+        .map(|(_, s)| s.clone())
+        .unwrap_or(Source::Default)
+}
+
+/// Of two keys whose values conflict, the one to report: the one set in the
+/// higher layer (flag over environment over file over default), because that
+/// is the setting that moved onto the other, and on a tie `later`. Blaming a
+/// key that is still at its default would send the operator looking for a
+/// line or flag that does not exist.
+fn blame(values: &Values, earlier: &'static str, later: &'static str) -> &'static str {
+    let rank = |key| match source_of(values, key) {
+        Source::Default => 0,
+        Source::File { .. } => 1,
+        Source::Env { .. } => 2,
+        Source::Flag { .. } => 3,
+    };
+    if rank(earlier) > rank(later) {
+        earlier
+    } else {
+        later
+    }
+}
+
+/// Where the other key of a conflict got its value, for the message.
+fn provenance(values: &Values, key: &str) -> String {
+    match source_of(values, key) {
+        Source::Default => "the default".into(),
+        at => format!("from {at}"),
+    }
+}
+
+fn invalid(values: &Values, key: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        at: source_of(values, key),
+        key,
+        message,
+    }
+}
+
+/// Parses one key's winning value, turning a parse failure into an error
+/// that names where the value came from.
+fn get<P: Parse>(
+    values: &Values,
+    key: &'static str,
+    parse: &P,
+) -> Result<Option<P::Out>, ConfigError> {
+    match values.get(key) {
+        None => Ok(None),
+        Some((raw, source)) => parse
+            .parse(raw)
+            .map(Some)
+            .map_err(|message| ConfigError::Invalid {
+                at: source.clone(),
+                key,
+                message,
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_numbers_count_from_one() {
+        let text = "a = 1\nb = 2\nc = 3\n";
+        assert_eq!(line_of(text, 0), 1);
+        assert_eq!(line_of(text, 6), 2);
+        assert_eq!(line_of(text, 12), 3);
+    }
+
+    #[test]
+    fn every_built_in_default_parses() {
+        let c = Config::default();
+        assert_eq!(c.http_port, 8080);
+        assert_eq!(c.allowed_origins, OriginPolicy::SameHost);
+        assert_eq!(c.static_dir, None);
+    }
+
+    #[test]
+    fn help_shows_default_and_range() {
+        let h = help("Most connections", "10000", &Count { min: 1, max: 5 });
+        assert_eq!(h, "Most connections [default: 10000] [range: from 1 to 5]");
+        assert_eq!(help("Page", "", &Plain(parse_static_dir)), "Page");
+    }
+}
