@@ -16,7 +16,7 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -245,6 +245,11 @@ impl Gateway {
         };
         let is_upgrade =
             has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket");
+        let refuse = |status, body: &str| {
+            self.metrics.connection_result(ConnResult::BadRequest);
+            debug!(%status, reason = body.trim_end(), "handshake refused");
+            text(status, body.to_string())
+        };
         if !is_upgrade {
             self.metrics.connection_result(ConnResult::BadRequest);
             debug!(method = %req.method(), path = %req.uri().path(), "plain HTTP request on the WebSocket port");
@@ -261,24 +266,40 @@ impl Gateway {
             return r;
         }
         if req.method() != Method::GET {
-            self.metrics.connection_result(ConnResult::BadRequest);
-            let mut r = text(
+            let mut r = refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "a WebSocket handshake is a GET request\n".into(),
+                "a WebSocket handshake is a GET request\n",
             );
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET"));
             return r;
+        }
+        if req.version() != Version::HTTP_11 {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "a WebSocket handshake needs HTTP/1.1\n",
+            );
+        }
+        // A body would reach the WebSocket as if it were frames (chunked) or
+        // be dropped unread (Content-Length); neither is a handshake.
+        let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0");
+        if has_body {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "a WebSocket handshake has no body\n",
+            );
         }
         if headers
             .get(header::SEC_WEBSOCKET_VERSION)
             .map(|v| v.as_bytes())
             != Some(b"13")
         {
-            self.metrics.connection_result(ConnResult::BadRequest);
-            let mut r = text(
+            let mut r = refuse(
                 StatusCode::UPGRADE_REQUIRED,
-                "unsupported Sec-WebSocket-Version; this server speaks version 13\n".into(),
+                "unsupported Sec-WebSocket-Version; this server speaks version 13\n",
             );
             r.headers_mut().insert(
                 header::SEC_WEBSOCKET_VERSION,
@@ -287,21 +308,27 @@ impl Gateway {
             return r;
         }
         let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-            self.metrics.connection_result(ConnResult::BadRequest);
-            return text(
+            return refuse(
                 StatusCode::BAD_REQUEST,
-                "missing Sec-WebSocket-Key header\n".into(),
+                "missing Sec-WebSocket-Key header\n",
             );
         };
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !valid_key(key.as_bytes()) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Key must be 16 bytes in base64\n",
+            );
+        }
+        // An Origin that is not text (non-ASCII bytes) is refused, not
+        // treated as absent: absent means "not a browser" and is admitted.
+        let origin = match headers.get(header::ORIGIN).map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(origin)) => Some(origin),
+            Some(Err(_)) => return self.forbidden(None, peer),
+        };
         let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
         if !self.origin.allows(origin, host) {
-            self.metrics.connection_result(ConnResult::ForbiddenOrigin);
-            warn!(origin = origin.unwrap_or(""), %peer, "refused WebSocket from a foreign origin");
-            return text(
-                StatusCode::FORBIDDEN,
-                "this origin may not connect; see allowed_origins\n".into(),
-            );
+            return self.forbidden(origin, peer);
         }
         if self.shutdown.is_cancelled() {
             self.metrics.connection_result(ConnResult::OverCapacity);
@@ -321,6 +348,15 @@ impl Gateway {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
         }
         r
+    }
+
+    fn forbidden(&self, origin: Option<&str>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        self.metrics.connection_result(ConnResult::ForbiddenOrigin);
+        warn!(origin = origin.unwrap_or("(not text)"), %peer, "refused WebSocket from a foreign origin");
+        text(
+            StatusCode::FORBIDDEN,
+            "this origin may not connect; see allowed_origins\n".into(),
+        )
     }
 
     /// Answers a connection beyond `max_connections` with 503 at once.
@@ -374,6 +410,15 @@ pub fn ws_config(config: &Config) -> WebSocketConfig {
         .max_write_buffer_size(64 * 1024 + config.max_message_bytes * 2)
         .max_message_size(Some(config.max_message_bytes))
         .max_frame_size(Some(config.max_message_bytes))
+}
+
+/// RFC 6455: the key is a random 16-byte value in base64 (24 characters).
+fn valid_key(key: &[u8]) -> bool {
+    use base64::Engine;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, OriginPolicy};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::origin::OriginCheck;
@@ -124,13 +124,22 @@ impl Server {
         let hub_task = watch.spawn("hub", hub_task);
 
         let page_url = format!("http://{}/", display_addr(http_addr));
+        let origin = OriginCheck {
+            policy: config.allowed_origins.clone(),
+            http_port: http_addr.port(),
+            bind_host: http_addr.ip(),
+        };
+        if origin.policy == OriginPolicy::SameHost && origin.trusts_host_header() {
+            warn!(
+                host = %http_addr.ip(),
+                "allowed_origins is unset on a non-loopback bind: browsers are admitted when \
+                 their Origin matches the Host they sent, which a DNS-rebinding page controls; \
+                 set allowed_origins to the page's public origin"
+            );
+        }
         let gateway = Arc::new(Gateway {
             config: config.clone(),
-            origin: OriginCheck {
-                policy: config.allowed_origins.clone(),
-                http_port: http_addr.port(),
-                bind_host: http_addr.ip(),
-            },
+            origin,
             hub,
             metrics: metrics.clone(),
             shutdown: stop.clone(),

@@ -1193,3 +1193,24 @@ fn flag_syntax_is_checked_by_clap() {
     let argv = ["hubbub", "--http-port"];
     assert!(Cli::try_parse_from(argv).is_err());
 }
+
+/// A browser never sends a default port, so an allowlist entry with one is
+/// stored without it and still matches.
+#[test]
+fn allowed_origins_drop_default_ports() {
+    let c = ok(
+        &[
+            "--allowed-origins",
+            "https://chat.example.com:443,http://chat.example.com:80,http://a.example:8080",
+        ],
+        &[],
+    );
+    assert_eq!(
+        c.allowed_origins,
+        OriginPolicy::List(vec![
+            "https://chat.example.com".into(),
+            "http://chat.example.com".into(),
+            "http://a.example:8080".into()
+        ])
+    );
+}

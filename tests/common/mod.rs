@@ -258,3 +258,21 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     frame
 }
+
+/// Writes `request` as it is on a fresh connection and returns the response
+/// head (up to the blank line, or whatever came before the server closed).
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
+    stream.write_all(request).await.expect("write request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+            Err(_) => panic!("no response in time"),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
