@@ -468,6 +468,33 @@ fn a_bad_flag_value_exits_2_naming_the_flag() {
     config_error(cmd, &["flag --idle-timeout", "key `idle_timeout`"]);
 }
 
+/// Values that used to crash the server or leave it half-dead (a panicking
+/// semaphore, a frame reserved whole, an overflowing deadline) are refused
+/// at start-up like any other bad value.
+#[test]
+fn values_beyond_their_range_exit_2_naming_the_key() {
+    for (flag, value, key) in [
+        (
+            "--max-connections",
+            "2305843009213693952",
+            "max_connections",
+        ),
+        ("--max-message-bytes", "1000000000000", "max_message_bytes"),
+        ("--idle-timeout", "10000000000000000000s", "idle_timeout"),
+    ] {
+        let mut cmd = hubbub();
+        cmd.args([flag, value]);
+        config_error(
+            cmd,
+            &[
+                &format!("flag {flag}"),
+                &format!("key `{key}`"),
+                "must be from",
+            ],
+        );
+    }
+}
+
 #[test]
 fn the_same_port_twice_exits_2() {
     let mut cmd = hubbub();
