@@ -29,10 +29,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::config::Config;
-use crate::hub::HubHandle;
 use crate::listener::Acceptor;
 use crate::metrics::{ConnResult, Metrics};
 use crate::origin::OriginCheck;
+use crate::protocol::{self, Mode};
+use crate::room::Membership;
+use crate::rooms::{JoinError, Rooms};
 use crate::session::{self, SessionContext};
 use crate::socket::Socket;
 
@@ -45,7 +47,7 @@ const MAX_PENDING_REJECTIONS: usize = 256;
 pub struct Gateway {
     pub config: Arc<Config>,
     pub origin: OriginCheck,
-    pub hub: HubHandle,
+    pub rooms: Arc<Rooms>,
     pub metrics: Arc<Metrics>,
     /// Starts the graceful path: stop accepting, stop reading, close with 1001.
     pub shutdown: CancellationToken,
@@ -110,17 +112,19 @@ impl Gateway {
     ) {
         let ws = tokio::select! {
             _ = self.force.cancelled() => return,
-            ws = self.handshake(stream, peer) => ws,
+            ws = self.handshake(stream, id, peer) => ws,
         };
-        let Some(ws) = ws else { return };
+        let Some((ws, membership)) = ws else { return };
         self.metrics.connection_result(ConnResult::Accepted);
         let span = tracing::Span::current();
         // Registered under the lock before the task can run to its end and
         // unregister itself, so no handle is left behind.
         let mut sessions = self.sessions();
-        let task = self
-            .tracker
-            .spawn(self.clone().session(ws, id, permit).instrument(span));
+        let task = self.tracker.spawn(
+            self.clone()
+                .session(ws, membership, id, permit)
+                .instrument(span),
+        );
         sessions.insert(id, task.abort_handle());
     }
 
@@ -145,6 +149,7 @@ impl Gateway {
     fn session(
         self: Arc<Self>,
         mut ws: WebSocketStream<Socket>,
+        membership: Membership,
         id: u64,
         permit: OwnedSemaphorePermit,
     ) -> impl std::future::Future<Output = ()> {
@@ -158,25 +163,26 @@ impl Gateway {
             let ctx = SessionContext {
                 id,
                 config: &gateway.config,
-                hub: &gateway.hub,
                 metrics: &gateway.metrics,
                 shutdown: &gateway.shutdown,
             };
-            session::run(&mut ws, ctx).await;
+            session::run(&mut ws, ctx, membership).await;
         }
     }
 
     /// Runs the HTTP part of the connection through hyper. Returns the
-    /// WebSocket once the 101 response has been written, or `None` if the
-    /// request was refused or the client gave up.
+    /// WebSocket and its place in the room it asked for once the 101
+    /// response has been written, or `None` if the request was refused or
+    /// the client gave up.
     async fn handshake(
         &self,
         stream: TcpStream,
+        id: u64,
         peer: SocketAddr,
-    ) -> Option<WebSocketStream<Socket>> {
+    ) -> Option<(WebSocketStream<Socket>, Membership)> {
         let (upgrade_tx, mut upgrade_rx) = mpsc::channel(1);
         let service = hyper::service::service_fn(|req: Request<Incoming>| {
-            let response = self.answer_handshake(req, &upgrade_tx, peer);
+            let response = self.answer_handshake(req, &upgrade_tx, id, peer);
             async move { Ok::<_, std::convert::Infallible>(response) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
@@ -206,7 +212,7 @@ impl Gateway {
             Ok(Ok(())) => {}
         }
         // No upgrade queued means the request was answered with an error.
-        let on_upgrade = upgrade_rx.try_recv().ok()?;
+        let (on_upgrade, membership) = upgrade_rx.try_recv().ok()?;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -224,15 +230,17 @@ impl Gateway {
         let config = ws_config(&self.config);
         let socket = Socket::new(parts.io.into_inner(), &parts.read_buf);
         let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(config)).await;
-        Some(ws)
+        Some((ws, membership))
     }
 
-    /// Decides the response to a handshake request. On success the pending
-    /// upgrade is passed out through `upgrade_tx`.
+    /// Decides the response to a handshake request. On success the peer has
+    /// joined its room, and the pending upgrade and the membership are passed
+    /// out through `upgrade_tx`.
     fn answer_handshake(
         &self,
         mut req: Request<Incoming>,
-        upgrade_tx: &mpsc::Sender<hyper::upgrade::OnUpgrade>,
+        upgrade_tx: &mpsc::Sender<(hyper::upgrade::OnUpgrade, Membership)>,
+        id: u64,
         peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
         let headers = req.headers();
@@ -330,15 +338,48 @@ impl Gateway {
         if !self.origin.allows(origin, host) {
             return self.forbidden(origin, peer);
         }
-        if self.shutdown.is_cancelled() {
-            self.metrics.connection_result(ConnResult::OverCapacity);
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server shutting down\n".into(),
-            );
-        }
+        let target = match protocol::target(req.uri().path(), req.uri().query()) {
+            Ok(target) => target,
+            Err(refusal) => {
+                let status =
+                    StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
+                return refuse(status, &format!("{}\n", refusal.reason));
+            }
+        };
+        let mode = if protocol::asks_for_v1(
+            headers
+                .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .map(|v| v.as_bytes()),
+        ) {
+            Mode::V1
+        } else {
+            Mode::Raw
+        };
         let accept = derive_accept_key(key.as_bytes());
-        let _ = upgrade_tx.try_send(hyper::upgrade::on(&mut req));
+        let membership = match self.rooms.join(&target.room, id, mode, target.resume) {
+            Ok(membership) => membership,
+            Err(JoinError::TooManyRooms) => {
+                self.metrics.connection_result(ConnResult::RoomLimit);
+                warn!(room = %target.room, "refused: max_rooms reached");
+                let mut r = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many rooms; try again later or join an existing room\n".into(),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                return r;
+            }
+            Err(JoinError::Closed) => {
+                self.metrics.connection_result(ConnResult::OverCapacity);
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server shutting down\n".into(),
+                );
+            }
+        };
+        debug!(room = %target.room, ?mode, "joining");
+        let _ = upgrade_tx.try_send((hyper::upgrade::on(&mut req), membership));
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = r.headers_mut();
@@ -346,6 +387,12 @@ impl Gateway {
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         if let Ok(v) = HeaderValue::from_str(&accept) {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        if mode == Mode::V1 {
+            h.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(protocol::SUBPROTOCOL),
+            );
         }
         r
     }

@@ -1,4 +1,5 @@
-//! The HTTP listener: the chat page, `/healthz` and `/metrics`.
+//! The HTTP listener: the chat page (at `/` for the lobby and at
+//! `/rooms/<name>` for any room), `/healthz` and `/metrics`.
 //!
 //! Routing, methods and status codes are axum's: an unknown path is 404 and a
 //! known path with the wrong method is 405 with an `Allow` header. The
@@ -10,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -88,10 +89,30 @@ pub async fn serve(
 pub fn router(page: Arc<Page>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/rooms/{name}", get(room_page))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .with_state(AppState { page, metrics })
+}
+
+/// The page for one room: the same page, which reads the room from its own
+/// URL. A name the WebSocket listener would refuse is refused here too.
+async fn room_page(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    // axum has percent-decoded the segment; the check is the protocol's.
+    if !crate::protocol::valid_room_name(&name) {
+        return (
+            StatusCode::BAD_REQUEST,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "a room name is 1 to 64 letters, digits, '-', '_' or '.'\n",
+        )
+            .into_response();
+    }
+    index(State(state), headers).await
 }
 
 async fn index(State(state): State<AppState>, headers: HeaderMap) -> Response {

@@ -1,18 +1,24 @@
 //! hubbub: a standalone broadcast chat server.
 //!
-//! Every text message any WebSocket peer sends reaches every connected peer,
-//! the sender included, byte for byte and in the same order for everyone.
+//! Every text message any WebSocket peer sends reaches every peer of its
+//! room, the sender included, byte for byte and in the same order for
+//! everyone; `hubbub.v1` clients also get offsets, history and resumes.
 //!
-//! The pieces, one module each:
+//! The pieces, one module each, in the order a message meets them
+//! (gateway -> session -> room -> log -> room -> queue -> session):
 //! - [`config`]: flags, `HUBBUB_*` environment, TOML file, defaults.
 //! - [`server`]: binds both listeners and runs everything until shutdown.
 //! - [`http`]: the HTTP listener (chat page, `/healthz`, `/metrics`).
 //! - [`listener`]: accepting TCP connections, with backoff on errors.
 //! - [`gateway`]: the WebSocket listener and the opening handshake.
 //! - [`origin`]: which browser origins may connect.
+//! - [`protocol`]: the `hubbub.v1` protocol: what a WebSocket URL asks for
+//!   (room, resume point) and the JSON envelopes.
 //! - [`session`]: one connected peer, reading and writing.
-//! - [`hub`]: the task that fans every message out to every peer, and
-//!   keeps the ping schedule.
+//! - [`rooms`]: every room by name; joining creates one.
+//! - [`room`]: one room's task, which fans every message out to its peers
+//!   and keeps their ping schedule and presence.
+//! - [`log`]: a room's ordered log: offsets, epoch, history.
 //! - [`queue`]: each peer's bounded outbound queue.
 //! - [`socket`]: a peer's TCP socket with large reads and no idle buffer.
 //! - [`page`]: the chat page and its Content-Security-Policy.
@@ -24,12 +30,15 @@ pub mod config;
 pub mod gateway;
 pub mod healthcheck;
 pub mod http;
-pub mod hub;
 pub mod listener;
+pub mod log;
 pub mod metrics;
 pub mod origin;
 pub mod page;
+pub mod protocol;
 pub mod queue;
+pub mod room;
+pub mod rooms;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -1,6 +1,6 @@
 //! Counters behind `GET /metrics`.
 //!
-//! These are plain relaxed atomics rather than hub-owned state: they are
+//! These are plain relaxed atomics rather than room-owned state: they are
 //! bumped from every connection task, read rarely, and a scrape that is a few
 //! nanoseconds stale is fine. Writers add per batch, not per byte, so the
 //! shared cache lines are touched as little as possible.
@@ -17,15 +17,18 @@ pub enum ConnResult {
     ForbiddenOrigin,
     BadRequest,
     HandshakeTimeout,
+    /// The join would have created one room more than `max_rooms`.
+    RoomLimit,
 }
 
 impl ConnResult {
-    const ALL: [ConnResult; 5] = [
+    const ALL: [ConnResult; 6] = [
         ConnResult::Accepted,
         ConnResult::OverCapacity,
         ConnResult::ForbiddenOrigin,
         ConnResult::BadRequest,
         ConnResult::HandshakeTimeout,
+        ConnResult::RoomLimit,
     ];
 
     pub fn label(self) -> &'static str {
@@ -35,6 +38,7 @@ impl ConnResult {
             ConnResult::ForbiddenOrigin => "forbidden_origin",
             ConnResult::BadRequest => "bad_request",
             ConnResult::HandshakeTimeout => "handshake_timeout",
+            ConnResult::RoomLimit => "room_limit",
         }
     }
 }
@@ -42,7 +46,8 @@ impl ConnResult {
 #[derive(Debug, Default)]
 pub struct Metrics {
     connections: AtomicU64,
-    connections_total: [AtomicU64; 5],
+    connections_total: [AtomicU64; 6],
+    rooms: AtomicU64,
     messages_received: AtomicU64,
     deliveries: AtomicU64,
     bytes_sent: AtomicU64,
@@ -77,6 +82,10 @@ impl Metrics {
         self.slow_consumer_disconnects.fetch_add(1, Relaxed);
     }
 
+    pub fn set_rooms(&self, rooms: usize) {
+        self.rooms.store(rooms as u64, Relaxed);
+    }
+
     pub fn open_connections(&self) -> u64 {
         self.connections.load(Relaxed)
     }
@@ -97,9 +106,15 @@ impl Metrics {
             self.connections.load(Relaxed),
         );
         metric(
+            "hubbub_rooms",
+            "gauge",
+            "Rooms that exist (with peers or history).",
+            self.rooms.load(Relaxed),
+        );
+        metric(
             "hubbub_messages_received_total",
             "counter",
-            "Messages received from peers and handed to the hub.",
+            "Messages received from peers and handed to their room.",
             self.messages_received.load(Relaxed),
         );
         metric(

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use crate::hub::{Kick, Outgoing};
+use crate::room::{Kick, Outgoing};
 
 /// Capacity kept by an emptied queue; anything above is released so a burst
 /// does not leave every peer holding a large buffer afterwards.
@@ -108,6 +108,19 @@ impl Sender {
             w.wake();
         }
         Ok(())
+    }
+
+    /// Queues a message whatever the queue holds: for what a peer gets as it
+    /// joins (`hello` and the history it asked for), which is bounded by
+    /// the history size and must not count against the peer as slowness.
+    pub fn push_initial(&self, message: Outgoing) {
+        let mut inner = self.shared.lock();
+        inner.items.push_back(message);
+        let waker = inner.waker.take();
+        drop(inner);
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// Asks the session to ping its peer (once, however often it is asked

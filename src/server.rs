@@ -20,10 +20,13 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, OriginPolicy};
 use crate::gateway::Gateway;
+use crate::http;
+use crate::log::memory;
 use crate::metrics::Metrics;
 use crate::origin::OriginCheck;
 use crate::page::{Page, PageError};
-use crate::{http, hub};
+use crate::room;
+use crate::rooms::Rooms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -115,13 +118,23 @@ impl Server {
             stop: stop.clone(),
             crashes,
         };
-        let (hub, hub_task) = hub::new(
-            config.send_queue,
-            config.ping_interval,
+        let rooms = Rooms::new(
+            config.max_rooms,
+            room::Settings {
+                send_queue: config.send_queue,
+                ping_interval: config.ping_interval,
+                max_message_bytes: config.max_message_bytes,
+                history: memory::Limits {
+                    size: config.history_size,
+                    bytes: config.history_bytes,
+                    ttl: config.history_ttl,
+                },
+                history_on_join: config.history_on_join,
+            },
             metrics.clone(),
             stop.clone(),
+            tracker.clone(),
         );
-        let hub_task = watch.spawn("hub", hub_task);
 
         let page_url = format!("http://{}/", display_addr(http_addr));
         let origin = OriginCheck {
@@ -140,7 +153,7 @@ impl Server {
         let gateway = Arc::new(Gateway {
             config: config.clone(),
             origin,
-            hub,
+            rooms,
             metrics: metrics.clone(),
             shutdown: stop.clone(),
             force: force.clone(),
@@ -173,7 +186,6 @@ impl Server {
         stop.cancel();
         let _ = ws_task.await;
         let _ = http_task.await;
-        let _ = hub_task.await;
 
         tracker.close();
         let open = metrics.open_connections();

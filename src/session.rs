@@ -1,17 +1,20 @@
 //! One connected peer, from the finished handshake to the close frame.
 //!
 //! A session is a single loop over everything that can happen to a peer: a
-//! frame arrives, the hub queues a message, the hub kicks the peer, the hub's
-//! heartbeat asks for a ping (and an idle check), or the hub stops (the
-//! server is shutting down).
+//! frame arrives, the room queues a message, the room kicks the peer, the
+//! room's heartbeat asks for a ping (and an idle check), or the room stops
+//! (the server is shutting down). The session does not know which protocol
+//! its peer speaks: the room queues what the peer is to get (raw messages or
+//! `hubbub.v1` envelopes), and what the peer sends goes to the room as it
+//! is.
 //! Whichever comes first is handled, and the outcome decides the close code.
 //!
 //! One loop in one task, with an unsplit WebSocket and no timer of its own,
 //! is deliberate: an idle peer should cost as little memory as possible, and
 //! every separate future, lock or timer here would be paid for by every one
-//! of tens of thousands of mostly idle peers. The ping schedule is the hub's
-//! (one timer for all peers); a session only remembers when it last heard
-//! from its peer.
+//! of tens of thousands of mostly idle peers. The ping schedule is the
+//! room's (one timer for all its peers); a session only remembers when it
+//! last heard from its peer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,9 +32,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::Config;
-use crate::hub::{Handoff, HubClosed, HubHandle, Kick, Membership, Outgoing, PeerId};
 use crate::metrics::Metrics;
 use crate::queue::{self, Recv, Signal};
+use crate::room::{Handoff, Kick, Membership, Outgoing, PeerId, RoomClosed, RoomHandle};
 use crate::socket::Socket;
 
 type Ws = WebSocketStream<Socket>;
@@ -48,7 +51,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct SessionContext<'a> {
     pub id: PeerId,
     pub config: &'a Config,
-    pub hub: &'a HubHandle,
     pub metrics: &'a Metrics,
     pub shutdown: &'a CancellationToken,
 }
@@ -60,15 +62,12 @@ enum End {
     Gone,
 }
 
-/// Runs the session until the peer is gone. Never returns an error: every
-/// way a peer can end is an ordinary outcome, logged here.
-pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
-    // The steps before and after the loop live in their own boxed futures:
-    // a task is as large as its largest state, and only the loop, which is
-    // where an idle peer spends its life, should set that size.
-    let Some(membership) = Box::pin(start(ws, &ctx)).await else {
-        return;
-    };
+/// Runs the session until the peer is gone, as a member of the room the
+/// gateway joined it to. Never returns an error: every way a peer can end is
+/// an ordinary outcome, logged here.
+pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>, membership: Membership) {
+    ctx.metrics.peer_opened();
+    info!("peer connected");
     let joined = Joined {
         membership,
         metrics: ctx.metrics,
@@ -76,6 +75,7 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
     let end = Serve {
         ws,
         outbound: &joined.membership.outbound,
+        room: &joined.membership.room,
         ctx: &ctx,
         last_heard: Instant::now(),
         stopping: false,
@@ -88,10 +88,12 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>) {
     .await;
     // Leave before the closing handshake: the peer gets nothing more.
     drop(joined);
+    // Boxed: a task is as large as its largest state, and only the loop,
+    // where an idle peer spends its life, should set that size.
     Box::pin(finish(ws, end, &ctx)).await;
 }
 
-/// A peer counted as connected and registered with the hub. Dropping it
+/// A peer counted as connected and registered with its room. Dropping it
 /// undoes both, so the gauge and the registry stay right however the
 /// session ends, a panic or an abort included.
 struct Joined<'a> {
@@ -103,17 +105,6 @@ impl Drop for Joined<'_> {
     fn drop(&mut self) {
         self.metrics.peer_closed();
     }
-}
-
-/// Registers with the hub, or closes with 1001 if the hub is already gone.
-async fn start(ws: &mut Ws, ctx: &SessionContext<'_>) -> Option<Membership> {
-    let Ok(membership) = ctx.hub.join(ctx.id) else {
-        let _ = ws.close(Some(going_away())).await;
-        return None;
-    };
-    ctx.metrics.peer_opened();
-    info!("peer connected");
-    Some(membership)
 }
 
 /// Ends the connection as `end` says.
@@ -145,20 +136,21 @@ async fn finish(ws: &mut Ws, end: End, ctx: &SessionContext<'_>) {
 /// of) where the generated state machine kept room for every branch's future
 /// at once.
 ///
-/// Reading, writing and handing a message to the hub go on side by side: a
+/// Reading, writing and handing a message to the room go on side by side: a
 /// peer whose write is stuck is still read (so its pongs count as signs of
-/// life), and a peer waiting for a busy hub to take its message still has
+/// life), and a peer waiting for a busy room to take its message still has
 /// its own queue written, so it is judged as a slow consumer by how fast it
 /// reads, exactly like a peer that only reads. Only one message at a time
-/// waits for the hub: until it is taken, nothing more is read from the peer.
+/// waits for the room: until it is taken, nothing more is read from the peer.
 struct Serve<'a, 'c> {
     ws: &'a mut Ws,
     outbound: &'a queue::Receiver,
+    room: &'a RoomHandle,
     ctx: &'a SessionContext<'c>,
-    /// Any frame from the peer, pongs included, moves this on; the hub's
+    /// Any frame from the peer, pongs included, moves this on; the room's
     /// heartbeat compares it with `idle_timeout`.
     last_heard: Instant,
-    /// Set once the hub stops taking messages (shutdown has begun): stop
+    /// Set once the room stops taking messages (shutdown has begun): stop
     /// reading and only drain what it already queued; it closes the queue
     /// when it is done. Sessions do not watch the shutdown token themselves:
     /// a waiter on it per peer would put one shared lock on every delivery.
@@ -172,7 +164,7 @@ struct Serve<'a, 'c> {
     /// Heartbeats in a row that found a write in progress that had not moved.
     stalled_beats: u32,
     step: Step,
-    /// A received message the hub has not taken yet (it was behind).
+    /// A received message the room has not taken yet (it was behind).
     handoff: Option<Handoff<'a>>,
 }
 
@@ -215,11 +207,11 @@ impl<'a, 'c> Serve<'a, 'c> {
             Message::Close(_) => return Poll::Ready(Some(End::Gone)),
         }
         self.ctx.metrics.message_received();
-        let hub: &'a HubHandle = self.ctx.hub;
-        match hub.broadcast(message) {
+        let room: &'a RoomHandle = self.room;
+        match room.broadcast(message) {
             Ok(handoff) => self.handoff = handoff,
-            // The hub stopped taking messages: shutdown has begun.
-            Err(HubClosed) => self.stopping = true,
+            // The room stopped taking messages: shutdown has begun.
+            Err(RoomClosed) => self.stopping = true,
         }
         Poll::Ready(None)
     }
@@ -276,7 +268,7 @@ impl<'a, 'c> Serve<'a, 'c> {
         self.track(flushed)
     }
 
-    /// The hub's heartbeat: close a peer not heard from for `idle_timeout`
+    /// The room's heartbeat: close a peer not heard from for `idle_timeout`
     /// (so it goes at the first beat after that), or one whose writes have
     /// not moved for as long, or ping it.
     fn on_heartbeat(&mut self) -> Option<End> {
@@ -327,7 +319,7 @@ impl Future for Serve<'_, '_> {
                 }
             }
             if matches!(this.step, Step::Idle) {
-                // The queue first: delivering to this peer frees hub
+                // The queue first: delivering to this peer frees room
                 // capacity; reading from it adds work.
                 match this.outbound.poll_recv(cx) {
                     // After any event, the queue is polled again before the
@@ -349,7 +341,7 @@ impl Future for Serve<'_, '_> {
                     Poll::Ready(Recv::Closed) if this.handoff.is_none() => {
                         return Poll::Ready(End::Close(going_away()))
                     }
-                    // The hub let go of this peer while one of its messages
+                    // The room let go of this peer while one of its messages
                     // was still on the way in: wait for that first.
                     Poll::Ready(Recv::Closed) => {}
                     Poll::Ready(Recv::Kicked(kick)) => {
@@ -359,7 +351,7 @@ impl Future for Serve<'_, '_> {
                 }
             } else {
                 // A write can stall on a peer that stopped reading; the
-                // hub's kick and heartbeat must still get through.
+                // room's kick and heartbeat must still get through.
                 match this.outbound.poll_signal(cx) {
                     Poll::Ready(Signal::Kicked(kick)) => {
                         return Poll::Ready(End::Close(kick_frame(kick)))
@@ -460,24 +452,40 @@ fn kick_frame(kick: Kick) -> CloseFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub;
+    use crate::protocol::Mode;
+    use crate::room::{self, Inbox, Member};
+    use crate::socket::Socket;
     use std::sync::Arc;
     use tokio::net::{TcpListener, TcpStream};
     use tokio_tungstenite::MaybeTlsStream;
 
     type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-    /// What a session borrows, kept alive for the whole test.
+    /// What a session borrows, kept alive for the whole test. The test plays
+    /// the room: it holds the room's inbox and reads it when it chooses.
     struct World {
         config: Config,
-        hub: HubHandle,
+        room: RoomHandle,
         metrics: Metrics,
         shutdown: CancellationToken,
     }
 
-    /// A session on a real loopback WebSocket, run as its own task, and the
-    /// client end of it.
-    async fn peer(world: &Arc<World>, id: PeerId) -> (Client, tokio::task::JoinHandle<()>) {
+    fn world(send_queue: usize, inbound: usize) -> (Arc<World>, Inbox) {
+        let (room, inbox) = room::channels(send_queue, inbound);
+        let world = Arc::new(World {
+            config: Config {
+                send_queue,
+                ..Config::ephemeral()
+            },
+            room,
+            metrics: Metrics::default(),
+            shutdown: CancellationToken::new(),
+        });
+        (world, inbox)
+    }
+
+    /// A server-side WebSocket on loopback and its client end.
+    async fn pair() -> (Ws, Client) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let client = tokio::spawn(async move {
@@ -489,21 +497,34 @@ mod tests {
                 .0
         });
         let (tcp, _) = listener.accept().await.expect("accept");
-        let mut ws = tokio_tungstenite::accept_async(Socket::new(tcp, &[]))
+        let ws = tokio_tungstenite::accept_async(Socket::new(tcp, &[]))
             .await
             .expect("server handshake");
+        (ws, client.await.expect("client task"))
+    }
+
+    /// A session joined to the test's room, run as its own task.
+    async fn peer(world: &Arc<World>, id: PeerId) -> (Client, tokio::task::JoinHandle<()>) {
+        let (mut ws, client) = pair().await;
+        let membership = world.room.join(id, Mode::Raw, None).expect("join");
         let world = world.clone();
         let task = tokio::spawn(async move {
             let ctx = SessionContext {
                 id,
                 config: &world.config,
-                hub: &world.hub,
                 metrics: &world.metrics,
                 shutdown: &world.shutdown,
             };
-            run(&mut ws, ctx).await;
+            run(&mut ws, ctx, membership).await;
         });
-        (client.await.expect("client task"), task)
+        (client, task)
+    }
+
+    async fn joined(inbox: &mut Inbox) -> (PeerId, queue::Sender) {
+        match inbox.members.recv().await {
+            Some(Member::Join { id, outbound, .. }) => (id, outbound),
+            _ => panic!("expected a join"),
+        }
     }
 
     async fn next_text(ws: &mut Client) -> String {
@@ -517,62 +538,37 @@ mod tests {
         }
     }
 
-    fn world(
-        send_queue: usize,
-        inbound: usize,
-    ) -> (
-        Arc<World>,
-        tokio::sync::mpsc::Receiver<Message>,
-        hub::Members,
-    ) {
-        let config = Config {
-            send_queue,
-            ..Config::ephemeral()
-        };
-        let (hub, inbound, members) = hub::detached(send_queue, inbound);
-        let world = Arc::new(World {
-            config,
-            hub,
-            metrics: Metrics::default(),
-            shutdown: CancellationToken::new(),
-        });
-        (world, inbound, members)
-    }
-
-    /// The hub is held behind on purpose (the test plays the hub and takes
+    /// The room is held behind on purpose (the test plays the room and takes
     /// nothing off its inbound channel) while a sender waits to hand it a
     /// message. Sender and reader read at the same speed, so the queue rule
     /// must treat them alike: neither queue may fill up.
     #[tokio::test]
-    async fn a_sender_waiting_for_a_busy_hub_keeps_draining_its_queue() {
+    async fn a_sender_waiting_for_a_busy_room_keeps_draining_its_queue() {
         const SEND_QUEUE: usize = 4;
-        let (world, mut inbound, mut members) = world(SEND_QUEUE, 1);
+        let (world, mut inbox) = world(SEND_QUEUE, 1);
         let (mut sender, _s) = peer(&world, 1).await;
         let (mut reader, _r) = peer(&world, 2).await;
         let mut queues = Vec::new();
         for _ in 0..2 {
-            queues.push(members.joined().await.expect("a join").1);
+            queues.push(joined(&mut inbox).await.1);
         }
-        // The hub's inbound channel is full from here on.
+        // The room's inbound channel is full from here on.
         assert!(matches!(
-            world.hub.broadcast(Message::text("filler")),
+            world.room.broadcast(Message::text("filler")),
             Ok(None)
         ));
         sender
             .send(Message::text("from the sender"))
             .await
             .expect("send");
-        // Wait until the session has read it and is waiting for the hub.
+        // Wait until the session has read it and is waiting for the room.
         let deadline = Instant::now() + Duration::from_secs(5);
         while world
             .metrics
             .render()
             .contains("hubbub_messages_received_total 0")
         {
-            assert!(
-                Instant::now() < deadline,
-                "the session never read the message"
-            );
+            assert!(Instant::now() < deadline, "the session never read it");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         for i in 0..SEND_QUEUE * 5 {
@@ -586,53 +582,42 @@ mod tests {
             assert_eq!(next_text(&mut sender).await, format!("m{i}"));
             assert_eq!(next_text(&mut reader).await, format!("m{i}"));
         }
-        // Once the hub catches up, the waiting message goes in after the filler.
+        // Once the room catches up, the waiting message goes in after the filler.
         for want in ["filler", "from the sender"] {
-            let got = inbound.recv().await.expect("a message for the hub");
+            let got = inbox.messages.recv().await.expect("a message for the room");
             assert_eq!(got.to_text().ok(), Some(want));
         }
     }
 
-    /// However a session ends, a panic included, it leaves the hub and the
+    /// However a session ends, a panic included, it leaves the room and the
     /// connections gauge goes back down.
     #[tokio::test]
-    async fn a_session_that_panics_still_leaves_the_hub() {
-        let (world, _inbound, mut members) = world(8, 8);
-        let (client, ended) = tokio::sync::oneshot::channel::<()>();
+    async fn a_session_that_panics_still_leaves_the_room() {
+        let (world, mut inbox) = world(8, 8);
+        let (mut ws, client) = pair().await;
+        let membership = world.room.join(7, Mode::Raw, None).expect("join");
         let inner = world.clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let _client = tokio::spawn(async move {
-            let tcp = TcpStream::connect(addr).await.expect("connect");
-            let ws = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp).await;
-            let _ = ended.await;
-            drop(ws);
-        });
-        let (tcp, _) = listener.accept().await.expect("accept");
-        let mut ws = tokio_tungstenite::accept_async(Socket::new(tcp, &[]))
-            .await
-            .expect("handshake");
-        let (joined_tx, joined_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let ctx = SessionContext {
                 id: 7,
                 config: &inner.config,
-                hub: &inner.hub,
                 metrics: &inner.metrics,
                 shutdown: &inner.shutdown,
             };
-            let session = run(&mut ws, ctx);
+            let session = run(&mut ws, ctx, membership);
             tokio::pin!(session);
-            // Poll the session until it has joined, then panic mid-session.
+            // Run the session a while, then panic in the middle of it.
             let _ = tokio::time::timeout(Duration::from_millis(200), &mut session).await;
-            let _ = joined_tx.send(());
+            assert_eq!(inner.metrics.open_connections(), 1);
             panic!("a bug in a session");
         });
-        assert_eq!(members.joined().await.map(|(id, _)| id), Some(7));
-        let _ = joined_rx.await;
+        assert_eq!(joined(&mut inbox).await.0, 7);
         assert!(task.await.is_err_and(|e| e.is_panic()));
-        assert_eq!(members.left().await, Some(7));
+        assert!(matches!(
+            inbox.members.recv().await,
+            Some(Member::Leave { id: 7 })
+        ));
         assert_eq!(world.metrics.open_connections(), 0);
-        let _ = client.send(());
+        drop(client);
     }
 }

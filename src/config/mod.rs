@@ -222,6 +222,16 @@ keys! {
         "Close a peer from which nothing (not even a pong) arrived for this long, checked at each ping";
     shutdown_grace: Duration [Text, String] = "5s", "DURATION", Span { min: MIN_DURATION, max: Duration::from_secs(3600) },
         "On shutdown, how long to wait for peers to finish the closing handshake";
+    max_rooms: usize [Int, String] = "10000", "N", Count { min: 1, max: 1_000_000 },
+        "Most rooms at once; a join that would create one more is refused with HTTP 503";
+    history_size: usize [Int, String] = "100", "N", Count { min: 0, max: 100_000 },
+        "Messages each room keeps for hubbub.v1 joins and resumes (0 turns history off)";
+    history_bytes: usize [Int, String] = "1048576", "BYTES", Count { min: 0, max: 1 << 30 },
+        "Most payload bytes each room's history holds; the oldest messages go first";
+    history_ttl: Duration [Text, String] = "10m", "DURATION", Span { min: MIN_DURATION, max: Duration::from_secs(7 * 86_400) },
+        "A room's history is dropped this long after its last message (and the room ends if nobody is in it)";
+    history_on_join: usize [Int, String] = "50", "N", Count { min: 0, max: 100_000 },
+        "Recent messages a hubbub.v1 client gets when it joins without resuming";
     log_format: LogFormat [Text, String] = "text", "FORMAT", Plain(parse_log_format),
         "Log line format: text or json (RUST_LOG sets the level)";
 }

@@ -1,0 +1,125 @@
+//! A room's ordered log: what decides each message's offset, and the
+//! history that joins and resumes replay.
+//!
+//! The room task owns its log and goes through [`RoomLog`] only: append a
+//! message and learn its offset, read what follows an offset, the epoch.
+//! Offsets and epochs are the protocol's own (contiguous integers from 1 per
+//! epoch, a string epoch), never positions in a local buffer, so a log kept
+//! elsewhere (shared by several nodes) can stand behind the same interface.
+//! [`memory::MemoryLog`] is the one this process keeps by itself.
+
+pub mod memory;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use crate::room::Outgoing;
+
+/// A message's place in its room: 1, 2, 3, ... within one epoch.
+pub type Offset = u64;
+
+/// One message as the log keeps it. Cloning it copies two pointers.
+#[derive(Clone)]
+pub struct Entry {
+    pub offset: Offset,
+    /// Server time the room took it, milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// The message as received, shared with every raw peer.
+    pub message: Outgoing,
+    /// Its `hubbub.v1` envelope, encoded the first time a peer needs it and
+    /// shared by every `hubbub.v1` peer from then on.
+    pub envelope: Option<Outgoing>,
+}
+
+impl Entry {
+    pub fn new(offset: Offset, ts: u64, message: Outgoing) -> Entry {
+        Entry {
+            offset,
+            ts,
+            message,
+            envelope: None,
+        }
+    }
+
+    /// Payload bytes, which is what `history_bytes` counts.
+    pub fn payload_len(&self) -> usize {
+        self.message.len()
+    }
+}
+
+/// What a join or resume gets from the log.
+pub struct Replay<'a> {
+    /// `Some(true)`: every message after the client's offset follows.
+    /// `Some(false)`: it asked to resume but they are not all there.
+    /// `None`: it did not ask.
+    pub recovered: Option<bool>,
+    pub entries: Vec<&'a mut Entry>,
+}
+
+/// The interface a room uses to order and remember its messages.
+pub trait RoomLog: Send {
+    /// The current epoch: changes whenever the history starts over.
+    fn epoch(&self) -> &str;
+
+    /// The latest offset given out in this epoch (0 before the first).
+    fn latest(&self) -> Offset;
+
+    /// Takes a message: gives it the next offset and remembers it, within
+    /// the history bounds.
+    fn append(&mut self, message: Outgoing, at: SystemTime, now: Instant) -> Entry;
+
+    /// A remembered message, to store its envelope once it is encoded.
+    fn get_mut(&mut self, offset: Offset) -> Option<&mut Entry>;
+
+    /// Every remembered message after `after`, or `None` when the log no
+    /// longer holds all of them (or `after` is beyond the latest).
+    fn after(&mut self, after: Offset) -> Option<Vec<&mut Entry>>;
+
+    /// The `n` most recent remembered messages, oldest first.
+    fn recent(&mut self, n: usize) -> Vec<&mut Entry>;
+
+    /// When the history is to be dropped (its last message is older than
+    /// `history_ttl` by then); `None` when it holds nothing.
+    fn expires_at(&self) -> Option<Instant>;
+
+    /// Drops the whole history (it expired). Offsets go on from where they
+    /// were: the epoch is the same, the messages are just no longer there.
+    fn clear(&mut self);
+
+    /// Whether it remembers nothing.
+    fn is_empty(&self) -> bool;
+
+    /// What a join gets: the messages after the client's offset when they
+    /// are all there and the epoch is this one, the recent history otherwise.
+    fn replay(&mut self, resume: Option<(Offset, &str)>, recent: usize) -> Replay<'_> {
+        let Some((since, epoch)) = resume else {
+            return Replay {
+                recovered: None,
+                entries: self.recent(recent),
+            };
+        };
+        if epoch == self.epoch() {
+            // Two calls because the borrow checker cannot see that the
+            // first borrow ends when it returns `None`.
+            if self.after(since).is_some() {
+                let entries = self.after(since).unwrap_or_default();
+                return Replay {
+                    recovered: Some(true),
+                    entries,
+                };
+            }
+        }
+        Replay {
+            recovered: Some(false),
+            entries: self.recent(recent),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, for `ts`.
+pub fn millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

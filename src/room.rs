@@ -1,0 +1,459 @@
+//! A room: the one task that knows every peer of the room and fans each
+//! message out to them.
+//!
+//! All the room's incoming messages go through a single channel into this
+//! task, which is what gives every peer of the room the same order: the room
+//! hands a message to its log ([`crate::log`]), which gives it its offset,
+//! then to every peer's queue, before it looks at the next one. The registry
+//! of peers is owned by this task alone and changed only by messages, so
+//! there is no lock to contend for and nothing to get wrong when peers come
+//! and go. Each room is its own task, so one busy room never delays another
+//! and rooms use every core.
+//!
+//! The room never waits on a peer. Each peer has a bounded queue
+//! ([`crate::queue`]); when it is full the peer is a slow consumer, is
+//! dropped from the registry and kicked through its queue. A message is
+//! shared, never copied per peer: raw peers get the message as received
+//! (a reference-counted `Bytes`), `hubbub.v1` peers its envelope, encoded
+//! once per message ([`crate::protocol`]).
+//!
+//! The room also keeps the ping schedule of its peers (every `ping_interval`
+//! its heartbeat asks each session to ping and to check its idle deadline,
+//! so no peer needs a timer of its own), their presence notices, and the
+//! expiry of its history. When it has neither peers nor history it ends
+//! ([`crate::rooms`] forgets it).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::time::{self, Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::log::{memory, RoomLog};
+use crate::metrics::Metrics;
+use crate::protocol::{self, Mode, Resume};
+use crate::queue;
+
+/// Identifies one connection for its whole life, in logs and in the registry.
+pub type PeerId = u64;
+
+/// Why the room dropped a peer on its own initiative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Its send queue was full: it is not reading fast enough.
+    SlowConsumer,
+}
+
+/// A message as queued for a peer. The `Arc` keeps queue slots one pointer
+/// wide, which keeps every peer's queue allocation small; the payload inside
+/// is shared `Bytes` either way.
+pub type Outgoing = Arc<Message>;
+
+/// What every room of the server is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub send_queue: usize,
+    pub ping_interval: Duration,
+    pub max_message_bytes: usize,
+    pub history: memory::Limits,
+    pub history_on_join: usize,
+}
+
+/// Presence notices go out at most this often per room; changes in between
+/// are folded into the next one.
+const PRESENCE_EVERY: Duration = Duration::from_secs(1);
+
+/// How many messages the room takes off its channel per wake-up.
+const BATCH: usize = 64;
+
+/// Messages waiting for the room, from all its peers together; a generous
+/// size keeps bursts from many peers from making readers wait.
+const INBOUND: usize = 4096;
+
+/// A peer's place in a room, from its join until it is dropped.
+///
+/// Dropping it is how a peer leaves: however its session ends (closed,
+/// aborted at the end of the shutdown grace, or unwinding from a panic), the
+/// room hears of it, so no registry entry is left behind.
+pub struct Membership {
+    /// Messages to write to this peer, in room order; also says when the
+    /// room kicks the peer or stops.
+    pub outbound: queue::Receiver,
+    /// The room, to send it this peer's messages.
+    pub room: RoomHandle,
+    id: PeerId,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        // The room may already be gone (shutdown); then there is nobody to tell.
+        let _ = self.room.members.send(Member::Leave { id: self.id });
+    }
+}
+
+/// Peers coming and going. A channel of their own, unbounded because each
+/// peer sends exactly two (one join, one leave), so it holds at most twice
+/// the number of connections, and because a leave must be sendable from a
+/// destructor, which cannot wait for room in a bounded channel. Joins and
+/// leaves share it so the room always sees a peer's join before its leave.
+pub(crate) enum Member {
+    Join {
+        id: PeerId,
+        outbound: queue::Sender,
+        mode: Mode,
+        resume: Option<Resume>,
+    },
+    Leave {
+        id: PeerId,
+    },
+}
+
+/// Cheap, cloneable handle for talking to a room.
+#[derive(Clone)]
+pub struct RoomHandle {
+    messages: mpsc::Sender<Message>,
+    members: mpsc::UnboundedSender<Member>,
+    send_queue: usize,
+}
+
+/// The room has stopped (the server is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the room has stopped")]
+pub struct RoomClosed;
+
+/// A message on its way to the room, when the room was too far behind to
+/// take it at once. Boxed: it exists only while the room is behind, and an
+/// idle peer should not carry room for it.
+pub type Handoff<'a> = Pin<Box<dyn Future<Output = Result<(), RoomClosed>> + Send + 'a>>;
+
+impl RoomHandle {
+    /// Registers a peer. From the moment this returns, the peer receives
+    /// every message the room takes after it: for a `hubbub.v1` peer,
+    /// `hello` and the history it asked for come first.
+    pub fn join(
+        &self,
+        id: PeerId,
+        mode: Mode,
+        resume: Option<Resume>,
+    ) -> Result<Membership, RoomClosed> {
+        let (outbound_tx, outbound) = queue::bounded(self.send_queue);
+        self.members
+            .send(Member::Join {
+                id,
+                outbound: outbound_tx,
+                mode,
+                resume,
+            })
+            .map_err(|_| RoomClosed)?;
+        Ok(Membership {
+            outbound,
+            room: self.clone(),
+            id,
+        })
+    }
+
+    /// Whether the room's task is gone (it ended, or panicked).
+    pub fn is_closed(&self) -> bool {
+        self.members.is_closed()
+    }
+
+    /// Offers a message for every peer. `Ok(None)`: the room has it.
+    /// `Ok(Some(handoff))`: the room is behind; the message goes in when the
+    /// returned future completes, and the caller should not read more from
+    /// its peer until then (which pushes back on the sender rather than
+    /// growing memory) but keep writing to it.
+    pub fn broadcast(&self, message: Message) -> Result<Option<Handoff<'_>>, RoomClosed> {
+        match self.messages.try_send(message) {
+            Ok(()) => Ok(None),
+            Err(TrySendError::Closed(_)) => Err(RoomClosed),
+            Err(TrySendError::Full(message)) => Ok(Some(Box::pin(async move {
+                self.messages.send(message).await.map_err(|_| RoomClosed)
+            }))),
+        }
+    }
+}
+
+/// The channels a room task reads.
+pub(crate) struct Inbox {
+    pub messages: mpsc::Receiver<Message>,
+    pub members: mpsc::UnboundedReceiver<Member>,
+}
+
+/// A new room's handle and inbox; the task is started with [`Room::run`].
+pub(crate) fn channels(send_queue: usize, inbound: usize) -> (RoomHandle, Inbox) {
+    let (messages, messages_rx) = mpsc::channel(inbound);
+    let (members, members_rx) = mpsc::unbounded_channel();
+    let handle = RoomHandle {
+        messages,
+        members,
+        send_queue,
+    };
+    let inbox = Inbox {
+        messages: messages_rx,
+        members: members_rx,
+    };
+    (handle, inbox)
+}
+
+/// A new room's handle and inbox with the server's inbound channel size.
+pub(crate) fn new_channels(send_queue: usize) -> (RoomHandle, Inbox) {
+    channels(send_queue, INBOUND)
+}
+
+struct Peer {
+    queue: queue::Sender,
+    mode: Mode,
+}
+
+/// When the next presence notice may go out, and whether one is owed.
+struct Presence {
+    /// The count the peers were last told.
+    told: usize,
+    next_at: Instant,
+    owed: bool,
+}
+
+/// What ends a room task's life: the server stopping, or the room having
+/// neither peers nor history. For the latter, [`Retire::retire`] decides
+/// under the registry's lock, so a join on its way is never lost.
+pub(crate) trait Retire: Send + Sync {
+    /// Removes the room from the registry unless a member message is
+    /// already waiting in `members` (a join that came in meanwhile), which
+    /// it returns instead.
+    fn retire(&self, name: &str, members: &mut mpsc::UnboundedReceiver<Member>) -> Option<Member>;
+}
+
+pub(crate) struct Room<L> {
+    name: Arc<str>,
+    peers: HashMap<PeerId, Peer>,
+    /// How many of `peers` speak `hubbub.v1`: envelopes are encoded only
+    /// when somebody will read them.
+    v1_peers: usize,
+    log: L,
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    presence: Presence,
+}
+
+impl<L: RoomLog> Room<L> {
+    pub fn new(name: Arc<str>, log: L, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
+        Room {
+            name,
+            peers: HashMap::new(),
+            v1_peers: 0,
+            log,
+            settings,
+            metrics,
+            presence: Presence {
+                told: 0,
+                next_at: Instant::now(),
+                owed: false,
+            },
+        }
+    }
+
+    /// Runs the room until the server stops or the room has nobody and
+    /// nothing left. On shutdown it delivers every message it has already
+    /// accepted, then drops all peers' queues, which tells each connection
+    /// to finish writing and close with 1001.
+    pub async fn run(mut self, inbox: Inbox, retire: Arc<dyn Retire>, shutdown: CancellationToken) {
+        let Inbox {
+            mut messages,
+            mut members,
+        } = inbox;
+        let mut batch = Vec::with_capacity(BATCH);
+        let stop = shutdown.cancelled();
+        tokio::pin!(stop);
+        let ping_interval = self.settings.ping_interval;
+        let mut heartbeat = time::interval_at(Instant::now() + ping_interval, ping_interval);
+        // A late beat is not made up for with a burst of pings.
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // One timer each for presence and history expiry, moved only when
+        // their deadline passes, never per message.
+        let presence_timer = time::sleep(Duration::ZERO);
+        tokio::pin!(presence_timer);
+        let expiry_timer = time::sleep(Duration::ZERO);
+        tokio::pin!(expiry_timer);
+        let mut expiry_armed = false;
+        loop {
+            if !expiry_armed {
+                if let Some(at) = self.log.expires_at() {
+                    expiry_timer.as_mut().reset(at);
+                    expiry_armed = true;
+                }
+            }
+            if self.presence.owed && presence_timer.deadline() != self.presence.next_at {
+                presence_timer.as_mut().reset(self.presence.next_at);
+            }
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    for peer in self.peers.values() {
+                        peer.queue.ping();
+                    }
+                }
+                Some(member) = members.recv() => self.member(member),
+                n = messages.recv_many(&mut batch, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.members_so_far(&mut members);
+                    let (at, now) = (SystemTime::now(), Instant::now());
+                    for message in batch.drain(..) {
+                        self.publish(message, at, now);
+                    }
+                }
+                _ = &mut presence_timer, if self.presence.owed => self.tell_presence(),
+                _ = &mut expiry_timer, if expiry_armed => {
+                    expiry_armed = false;
+                    if self.log.expires_at().is_some_and(|at| at <= Instant::now()) {
+                        debug!(room = %self.name, "history expired");
+                        self.log.clear();
+                    }
+                }
+                _ = &mut stop => {
+                    // Refuse anything new, but deliver what is already queued.
+                    members.close();
+                    messages.close();
+                    self.members_so_far(&mut members);
+                    let (at, now) = (SystemTime::now(), Instant::now());
+                    while let Some(message) = messages.recv().await {
+                        self.publish(message, at, now);
+                    }
+                    break;
+                }
+            }
+            if self.peers.is_empty() && self.log.is_empty() {
+                match retire.retire(&self.name, &mut members) {
+                    Some(member) => self.member(member),
+                    None => break,
+                }
+            }
+        }
+        debug!(room = %self.name, peers = self.peers.len(), "room ended");
+        // Dropping the registry closes every peer's queue once it is drained.
+    }
+
+    /// Takes every join and leave sent so far. Called before a batch of
+    /// messages: a peer's join is sent before it can send anything, so this
+    /// makes sure a sender is registered in time to receive its own message.
+    fn members_so_far(&mut self, members: &mut mpsc::UnboundedReceiver<Member>) {
+        while let Ok(member) = members.try_recv() {
+            self.member(member);
+        }
+    }
+
+    fn member(&mut self, member: Member) {
+        match member {
+            Member::Join {
+                id,
+                outbound,
+                mode,
+                resume,
+            } => self.join(id, outbound, mode, resume),
+            Member::Leave { id } => {
+                if let Some(peer) = self.peers.remove(&id) {
+                    self.forget(&peer);
+                }
+            }
+        }
+    }
+
+    fn join(&mut self, id: PeerId, queue: queue::Sender, mode: Mode, resume: Option<Resume>) {
+        if mode == Mode::V1 {
+            let epoch = self.log.epoch().to_string();
+            let latest = self.log.latest();
+            let online = self.peers.len() + 1;
+            let resume = resume.as_ref().map(|r| (r.since, r.epoch.as_str()));
+            let replay = self.log.replay(resume, self.settings.history_on_join);
+            queue.push_initial(protocol::hello(
+                &self.name,
+                &epoch,
+                latest,
+                online,
+                self.settings.max_message_bytes,
+                replay.recovered,
+            ));
+            for entry in replay.entries {
+                queue.push_initial(protocol::envelope_of(entry));
+            }
+            self.v1_peers += 1;
+        }
+        if let Some(old) = self.peers.insert(id, Peer { queue, mode }) {
+            self.forget(&old);
+        }
+        self.presence_changed();
+    }
+
+    /// Bookkeeping for a peer that is no longer in `peers`.
+    fn forget(&mut self, peer: &Peer) {
+        if peer.mode == Mode::V1 {
+            self.v1_peers -= 1;
+        }
+        self.presence_changed();
+    }
+
+    fn publish(&mut self, message: Message, at: SystemTime, now: Instant) {
+        let raw = Arc::new(message);
+        let entry = self.log.append(raw.clone(), at, now);
+        let envelope = (self.v1_peers > 0).then(|| {
+            let envelope = protocol::message(&entry);
+            if let Some(kept) = self.log.get_mut(entry.offset) {
+                kept.envelope = Some(envelope.clone());
+            }
+            envelope
+        });
+        let mut kicked: Vec<PeerId> = Vec::new();
+        for (id, peer) in &self.peers {
+            let frame = match (&envelope, peer.mode) {
+                (Some(envelope), Mode::V1) => envelope.clone(),
+                _ => raw.clone(),
+            };
+            if peer.queue.push(frame).is_err() {
+                kicked.push(*id);
+            }
+        }
+        for id in kicked {
+            if let Some(peer) = self.peers.remove(&id) {
+                warn!(room = %self.name, peer = id, "send queue full, disconnecting slow consumer");
+                self.metrics.slow_consumer_disconnect();
+                self.forget(&peer);
+                peer.queue.kick(Kick::SlowConsumer);
+            }
+        }
+    }
+
+    /// The count changed: tell the `hubbub.v1` peers now, or once a second
+    /// has passed since the last notice.
+    fn presence_changed(&mut self) {
+        if Instant::now() >= self.presence.next_at {
+            self.tell_presence();
+        } else {
+            self.presence.owed = true;
+        }
+    }
+
+    fn tell_presence(&mut self) {
+        self.presence.owed = false;
+        let online = self.peers.len();
+        if online == self.presence.told {
+            return;
+        }
+        self.presence.told = online;
+        self.presence.next_at = Instant::now() + PRESENCE_EVERY;
+        if self.v1_peers == 0 {
+            return;
+        }
+        let notice = protocol::presence(online);
+        for peer in self.peers.values().filter(|p| p.mode == Mode::V1) {
+            // A notice is not worth a slow-consumer kick: a full queue will
+            // get the next one.
+            let _ = peer.queue.push(notice.clone());
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Every room of the server by name: joining one creates it, and a room with
+//! neither peers nor history removes itself.
+//!
+//! A lock rather than a task: the registry is touched once per connection
+//! (at the handshake) and once per room's end, never per message, and the
+//! handshake needs its answer at once (a join that would create one room
+//! more than `max_rooms` is refused with 503 before the 101 goes out).
+//! Joining and retiring both happen under the lock, so a room never ends
+//! while a join is on its way to it.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error};
+
+use crate::log::memory::MemoryLog;
+use crate::metrics::Metrics;
+use crate::protocol::{Mode, Resume};
+use crate::room::{self, Member, Membership, PeerId, Retire, Room, RoomHandle, Settings};
+
+/// Why a join was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("too many rooms; try again later")]
+    TooManyRooms,
+    #[error("server shutting down")]
+    Closed,
+}
+
+pub struct Rooms {
+    rooms: Mutex<HashMap<Arc<str>, RoomHandle>>,
+    max_rooms: usize,
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Rooms {
+    pub fn new(
+        max_rooms: usize,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Rooms> {
+        Arc::new(Rooms {
+            rooms: Mutex::new(HashMap::new()),
+            max_rooms,
+            settings: Arc::new(settings),
+            metrics,
+            shutdown,
+            tracker,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, RoomHandle>> {
+        // Nothing panics while holding the lock, but a poisoned map is still
+        // a valid map.
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Joins peer `id` to room `name`, creating the room if it does not
+    /// exist (or its task is gone).
+    pub fn join(
+        self: &Arc<Self>,
+        name: &str,
+        id: PeerId,
+        mode: Mode,
+        resume: Option<Resume>,
+    ) -> Result<Membership, JoinError> {
+        let mut rooms = self.lock();
+        if self.shutdown.is_cancelled() {
+            return Err(JoinError::Closed);
+        }
+        let handle = match rooms.get(name) {
+            Some(handle) if !handle.is_closed() => handle.clone(),
+            existing => {
+                if existing.is_none() && rooms.len() >= self.max_rooms {
+                    return Err(JoinError::TooManyRooms);
+                }
+                let handle = self.start(name);
+                rooms.insert(name.into(), handle.clone());
+                self.metrics.set_rooms(rooms.len());
+                handle
+            }
+        };
+        handle.join(id, mode, resume).map_err(|_| JoinError::Closed)
+    }
+
+    /// How many rooms exist.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn start(self: &Arc<Self>, name: &str) -> RoomHandle {
+        let (handle, inbox) = room::new_channels(self.settings.send_queue);
+        let name: Arc<str> = name.into();
+        let log = MemoryLog::new(self.settings.history);
+        let room = Room::new(
+            name.clone(),
+            log,
+            self.settings.clone(),
+            self.metrics.clone(),
+        );
+        let retire: Arc<dyn Retire> = self.clone();
+        let run = room.run(inbox, retire, self.shutdown.clone());
+        debug!(room = %name, "room created");
+        self.tracker.spawn(async move {
+            // A room that panics loses its peers (their queues close and they
+            // get 1001) but not the server: the next join starts it anew.
+            if AssertUnwindSafe(run).catch_unwind().await.is_err() {
+                error!(room = %name, "room task panicked; its peers were disconnected");
+            }
+        });
+        handle
+    }
+}
+
+impl Retire for Rooms {
+    fn retire(&self, name: &str, members: &mut mpsc::UnboundedReceiver<Member>) -> Option<Member> {
+        let mut rooms = self.lock();
+        if let Ok(member) = members.try_recv() {
+            return Some(member);
+        }
+        rooms.remove(name);
+        self.metrics.set_rooms(rooms.len());
+        debug!(room = %name, "room ended: no peers, no history");
+        None
+    }
+}
