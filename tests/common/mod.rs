@@ -276,3 +276,42 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
     }
     String::from_utf8_lossy(&got).into_owned()
 }
+
+/// Opens a WebSocket to `path` (with its query) on the server's WebSocket
+/// listener, asking for `hubbub.v1` when `v1` is set.
+pub async fn connect_to(addr: SocketAddr, path: &str, v1: bool) -> Result<Ws, tungstenite::Error> {
+    let mut request = format!("ws://{addr}{path}").into_client_request()?;
+    if v1 {
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "hubbub.v1".parse().expect("header"),
+        );
+    }
+    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake answered in time")?;
+    let protocol = response
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .map(|v| v.to_str().unwrap_or("").to_string());
+    assert_eq!(
+        protocol.as_deref(),
+        v1.then_some("hubbub.v1"),
+        "the server must echo hubbub.v1 exactly when it was asked for"
+    );
+    Ok(ws)
+}
+
+/// The next `hubbub.v1` envelope as JSON, skipping `presence` notices unless
+/// `presence` is set.
+pub async fn next_envelope(ws: &mut Ws, presence: bool) -> serde_json::Value {
+    loop {
+        let text = next_text(ws).await;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        if !presence && value["type"] == "presence" {
+            continue;
+        }
+        return value;
+    }
+}
