@@ -25,6 +25,9 @@ const RUN: Duration = Duration::from_secs(30);
 type Seen = Vec<(u64, String)>;
 
 /// Drops the connection with a TCP reset: no close frame, no FIN.
+// tokio deprecates SO_LINGER because a non-zero linger blocks in drop; a
+// zero linger resets at once and never blocks.
+#[allow(deprecated)]
 fn cut(ws: Ws) {
     if let MaybeTlsStream::Plain(tcp) = ws.get_ref() {
         let _ = tcp.set_linger(Some(Duration::ZERO));
