@@ -114,10 +114,20 @@ pub(crate) enum Member {
     },
 }
 
+/// What a room's peers send it, in one channel so it keeps their order.
+pub(crate) enum Inbound {
+    /// A message for every peer.
+    Message(Message),
+    /// The peer broke a rule and is leaving: once every message it sent
+    /// before has gone out, close its queue (it delivers what is queued,
+    /// its own copies included, then ends).
+    Flush(PeerId),
+}
+
 /// Cheap, cloneable handle for talking to a room.
 #[derive(Clone)]
 pub struct RoomHandle {
-    messages: mpsc::Sender<Message>,
+    messages: mpsc::Sender<Inbound>,
     members: mpsc::UnboundedSender<Member>,
     send_queue: usize,
 }
@@ -169,11 +179,21 @@ impl RoomHandle {
     /// its peer until then (which pushes back on the sender rather than
     /// growing memory) but keep writing to it.
     pub fn broadcast(&self, message: Message) -> Result<Option<Handoff<'_>>, RoomClosed> {
-        match self.messages.try_send(message) {
+        self.offer(Inbound::Message(message))
+    }
+
+    /// Asks the room to let go of peer `id` once everything it sent before
+    /// has gone out (see [`Inbound::Flush`]); handed over like a message.
+    pub fn flush(&self, id: PeerId) -> Result<Option<Handoff<'_>>, RoomClosed> {
+        self.offer(Inbound::Flush(id))
+    }
+
+    fn offer(&self, inbound: Inbound) -> Result<Option<Handoff<'_>>, RoomClosed> {
+        match self.messages.try_send(inbound) {
             Ok(()) => Ok(None),
             Err(TrySendError::Closed(_)) => Err(RoomClosed),
-            Err(TrySendError::Full(message)) => Ok(Some(Box::pin(async move {
-                self.messages.send(message).await.map_err(|_| RoomClosed)
+            Err(TrySendError::Full(inbound)) => Ok(Some(Box::pin(async move {
+                self.messages.send(inbound).await.map_err(|_| RoomClosed)
             }))),
         }
     }
@@ -181,7 +201,7 @@ impl RoomHandle {
 
 /// The channels a room task reads.
 pub(crate) struct Inbox {
-    pub messages: mpsc::Receiver<Message>,
+    pub messages: mpsc::Receiver<Inbound>,
     pub members: mpsc::UnboundedReceiver<Member>,
 }
 
@@ -304,8 +324,8 @@ impl<L: RoomLog> Room<L> {
                     }
                     self.members_so_far(&mut members);
                     let (at, now) = (SystemTime::now(), Instant::now());
-                    for message in batch.drain(..) {
-                        self.publish(message, at, now);
+                    for inbound in batch.drain(..) {
+                        self.inbound(inbound, at, now);
                     }
                 }
                 _ = &mut presence_timer, if self.presence.owed => self.tell_presence(),
@@ -322,8 +342,8 @@ impl<L: RoomLog> Room<L> {
                     messages.close();
                     self.members_so_far(&mut members);
                     let (at, now) = (SystemTime::now(), Instant::now());
-                    while let Some(message) = messages.recv().await {
-                        self.publish(message, at, now);
+                    while let Some(inbound) = messages.recv().await {
+                        self.inbound(inbound, at, now);
                     }
                     break;
                 }
@@ -396,6 +416,18 @@ impl<L: RoomLog> Room<L> {
             self.v1_peers -= 1;
         }
         self.presence_changed();
+    }
+
+    fn inbound(&mut self, inbound: Inbound, at: SystemTime, now: Instant) {
+        match inbound {
+            Inbound::Message(message) => self.publish(message, at, now),
+            Inbound::Flush(id) => {
+                // Dropping its queue's sender lets it drain, then end.
+                if let Some(peer) = self.peers.remove(&id) {
+                    self.forget(&peer);
+                }
+            }
+        }
     }
 
     fn publish(&mut self, message: Message, at: SystemTime, now: Instant) {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -59,6 +59,10 @@ pub struct SessionContext<'a> {
 /// the peer closed or the connection broke.
 enum End {
     Close(CloseFrame),
+    /// The peer broke a rule (a protocol error, bad UTF-8, a message too
+    /// big, binary where it is refused): it still gets every message it is
+    /// owed, its own included, before it is closed with this frame.
+    Broke(CloseFrame),
     Gone,
 }
 
@@ -84,6 +88,8 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>, membership: Membership) {
         stalled_beats: 0,
         step: Step::Idle,
         handoff: None,
+        broke: None,
+        flush_owed: false,
     }
     .await;
     // Leave before the closing handshake: the peer gets nothing more.
@@ -110,7 +116,7 @@ impl Drop for Joined<'_> {
 /// Ends the connection as `end` says.
 async fn finish(ws: &mut Ws, end: End, ctx: &SessionContext<'_>) {
     match end {
-        End::Close(frame) => {
+        End::Close(frame) | End::Broke(frame) => {
             info!(code = u16::from(frame.code), reason = %frame.reason, "closing peer");
             let wait = if ctx.shutdown.is_cancelled() {
                 ctx.config.shutdown_grace
@@ -166,6 +172,13 @@ struct Serve<'a, 'c> {
     step: Step,
     /// A received message the room has not taken yet (it was behind).
     handoff: Option<Handoff<'a>>,
+    /// The peer broke a rule: nothing more is read, what it is owed is
+    /// written, then it is closed with this frame (boxed: rare, and an idle
+    /// peer should not carry room for it).
+    broke: Option<Box<CloseFrame>>,
+    /// The room has yet to be asked to let this peer go (see
+    /// [`crate::room::RoomHandle::flush`]).
+    flush_owed: bool,
 }
 
 /// What the session is writing.
@@ -197,7 +210,7 @@ impl<'a, 'c> Serve<'a, 'c> {
             Message::Text(_) => {}
             Message::Binary(_) if self.ctx.config.allow_binary => {}
             Message::Binary(_) => {
-                return Poll::Ready(Some(End::Close(frame_of(
+                return Poll::Ready(Some(End::Broke(frame_of(
                     CloseCode::Unsupported,
                     "binary messages are not accepted",
                 ))))
@@ -304,7 +317,7 @@ impl<'a, 'c> Serve<'a, 'c> {
     }
 }
 
-impl Future for Serve<'_, '_> {
+impl<'a> Future for Serve<'a, '_> {
     type Output = End;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
@@ -316,6 +329,16 @@ impl Future for Serve<'_, '_> {
                     if taken.is_err() {
                         this.stopping = true;
                     }
+                }
+            }
+            if this.flush_owed && this.handoff.is_none() {
+                // After its last message: the room lets go of this peer once
+                // that message has gone out to everyone, itself included.
+                this.flush_owed = false;
+                let room: &'a RoomHandle = this.room;
+                match room.flush(this.ctx.id) {
+                    Ok(handoff) => this.handoff = handoff,
+                    Err(RoomClosed) => this.stopping = true,
                 }
             }
             if matches!(this.step, Step::Idle) {
@@ -338,8 +361,11 @@ impl Future for Serve<'_, '_> {
                         }
                         continue;
                     }
-                    Poll::Ready(Recv::Closed) if this.handoff.is_none() => {
-                        return Poll::Ready(End::Close(going_away()))
+                    Poll::Ready(Recv::Closed) if this.handoff.is_none() && !this.flush_owed => {
+                        return Poll::Ready(match this.broke.take() {
+                            Some(frame) => End::Close(*frame),
+                            None => End::Close(going_away()),
+                        })
                     }
                     // The room let go of this peer while one of its messages
                     // was still on the way in: wait for that first.
@@ -382,9 +408,14 @@ impl Future for Serve<'_, '_> {
                 }
                 Poll::Pending => {}
             }
-            if this.handoff.is_none() && !this.stopping {
+            if this.handoff.is_none() && !this.stopping && this.broke.is_none() {
                 if let Poll::Ready(end) = this.poll_read(cx) {
                     match end {
+                        Some(End::Broke(frame)) => {
+                            this.broke = Some(Box::new(frame));
+                            this.flush_owed = true;
+                            continue;
+                        }
                         Some(end) => return Poll::Ready(end),
                         None => continue,
                     }
@@ -411,17 +442,24 @@ async fn close_handshake(ws: &mut Ws, frame: CloseFrame) {
 /// Maps a read error to the close code the peer has earned.
 fn classify(e: WsError) -> End {
     match e {
-        WsError::Capacity(_) => End::Close(frame_of(CloseCode::Size, "message too big")),
-        WsError::Utf8(_) => End::Close(frame_of(
+        // RFC 6455 5.2: a 64-bit length has its top bit clear. tungstenite
+        // reports a length with it set as too big; it is a framing error.
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. })
+            if size as u64 > i64::MAX as u64 =>
+        {
+            End::Broke(frame_of(CloseCode::Protocol, "invalid frame length"))
+        }
+        WsError::Capacity(_) => End::Broke(frame_of(CloseCode::Size, "message too big")),
+        WsError::Utf8(_) => End::Broke(frame_of(
             CloseCode::Invalid,
             "text message is not valid UTF-8",
         )),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
         WsError::Protocol(p) => {
             debug!(error = %p, "protocol error");
-            End::Close(frame_of(CloseCode::Protocol, "protocol error"))
+            End::Broke(frame_of(CloseCode::Protocol, "protocol error"))
         }
-        WsError::AttackAttempt => End::Close(frame_of(CloseCode::Policy, "attack attempt")),
+        WsError::AttackAttempt => End::Broke(frame_of(CloseCode::Policy, "attack attempt")),
         other => {
             debug!(error = %other, "connection error");
             End::Gone
@@ -584,8 +622,10 @@ mod tests {
         }
         // Once the room catches up, the waiting message goes in after the filler.
         for want in ["filler", "from the sender"] {
-            let got = inbox.messages.recv().await.expect("a message for the room");
-            assert_eq!(got.to_text().ok(), Some(want));
+            match inbox.messages.recv().await {
+                Some(room::Inbound::Message(got)) => assert_eq!(got.to_text().ok(), Some(want)),
+                _ => panic!("expected {want:?} for the room"),
+            }
         }
     }
 
