@@ -13,8 +13,9 @@
 //! whose connection was cut resuming with every message it missed exactly
 //! once, a tab opened later showing the history, two rooms not seeing each
 //! other's messages, messages typed while disconnected kept and sent after
-//! the resume, and both tabs coming back by themselves after a restart on
-//! the same ports, saying that messages may be missing. It saves
+//! the resume, both tabs coming back by themselves after a restart on the
+//! same ports, saying that messages may be missing, and a tab that was away
+//! for longer than the history reaches saying so too. It saves
 //! `target/browser/two-tabs.png` on the way (and `docs/screenshot.png` too
 //! when `HUBBUB_UPDATE_SCREENSHOT=1`).
 //!
@@ -51,6 +52,9 @@ const SHOW_UP: Duration = Duration::from_secs(15);
 /// Bound for both tabs to be back after a restart (backoff included).
 const RECONNECT: Duration = Duration::from_secs(45);
 const MAX_MESSAGE_BYTES: usize = 2000;
+/// Messages each room keeps: more than the lobby sees before the restart,
+/// so a tab opened later gets all of it, and few enough to outrun quickly.
+const HISTORY: usize = 25;
 /// The viewport of each tab: about a large phone, so the screenshot shows the
 /// narrow layout and both tabs fit side by side.
 const TAB_SIZE: (u32, u32) = (440, 720);
@@ -695,6 +699,7 @@ async fn two_tabs_chat_in_a_real_browser() {
 async fn scenario(driver: &mut Driver, out: &Path) {
     let config = hubbub::Config {
         max_message_bytes: MAX_MESSAGE_BYTES,
+        history_size: HISTORY,
         ..hubbub::Config::ephemeral()
     };
     let server = Running::start(config.clone()).await;
@@ -784,11 +789,9 @@ async fn scenario(driver: &mut Driver, out: &Path) {
     // which sends bare text and a binary message.
     let mut plain = plain_client(server.ws, "/").await;
     // Raw clients count as online too.
-    let t0 = Instant::now();
     for tab in [&alice, &bob] {
         tab.wait_online(3).await;
     }
-    eprintln!("DEBUG presence after {:?}", t0.elapsed());
     let long = "A long message wraps inside its bubble instead of widening the page: \
                 https://example.com/a/very/long/path/without/any/spaces/so/the/browser/\
                 has/to/break/it/somewhere/sensible/or/the/layout/would/overflow";
@@ -1368,6 +1371,61 @@ async fn scenario(driver: &mut Driver, out: &Path) {
         queued,
         "alice's queued message went out before bob's"
     );
+
+    // Bob's connection is cut again, and more is sent meanwhile than the
+    // room keeps: his tab cannot get everything it missed, says so, and
+    // shows the recent history, each message once.
+    assert!(
+        expected.len() < HISTORY,
+        "the later tab got the whole history"
+    );
+    let shown_before = strip(&bob.messages().await);
+    bob.set_offline(true).await;
+    assert_eq!(
+        bob.close_sockets().await,
+        1,
+        "bob's page had one open socket"
+    );
+    bob.wait_state("offline", SHOW_UP).await;
+    let mut plain = plain_client(server.ws, "/").await;
+    let flood: Vec<String> = (1..=HISTORY + 5).map(|i| format!("flood {i}")).collect();
+    for text in &flood {
+        plain
+            .send(Message::text(text.as_str()))
+            .await
+            .expect("plain send");
+    }
+    for text in &flood {
+        assert_eq!(&plain_next_text(&mut plain).await, text);
+    }
+    alice.wait_count(expected.len() + flood.len()).await;
+    let sys_before = bob.sys_lines().await.len();
+    bob.set_offline(false).await;
+    bob.wait_state("connected", RECONNECT).await;
+    let mut want = shown_before.clone();
+    want.extend(
+        flood[5..]
+            .iter()
+            .map(|t| ("(no name)".to_string(), t.clone())),
+    );
+    bob.wait_count(want.len()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        strip(&bob.messages().await),
+        want,
+        "[bob] what he had, then the most recent {HISTORY}"
+    );
+    let lines = bob.sys_lines().await.split_off(sys_before);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|(text, note)| note == "missing"
+                && text.to_lowercase().contains("some messages may be missing"))
+            .count(),
+        1,
+        "[bob] says that messages may be missing: {lines:?}"
+    );
+    std::fs::write(out.join("gap-bob.png"), bob.screenshot().await).expect("write");
 
     // Phone width: nothing sticks out sideways at 360 px.
     set_viewport(&bob.c, 360, 640).await;
