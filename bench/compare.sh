@@ -13,7 +13,11 @@
 #               scenarios' messages straight to loopback sockets, the least
 #               latency any server could show on this machine
 #   SCENARIOS   subset of: fanout-100 fanout-1000 saturate-100 large-60k idle-10000 slow-50
-#               (floor runs only the two fanout scenarios)
+#               (floor runs only the two fanout scenarios), plus two that are not
+#               in the default list and run against hubbub only (the ws reference
+#               has neither rooms nor hubbub.v1, so it skips them with a note):
+#                 saturate-100-v1    saturate-100 with --protocol hubbub.v1
+#                 fanout-1000-rooms  1000 clients over 10 rooms, one sender each
 #   FLOOR_THREADS  sending threads of the floor run (default: the core count)
 #   DURATION    seconds measured per fanout/saturate/large run (default 10)
 #   PORT        first WebSocket port; each server start takes the next one
@@ -141,9 +145,13 @@ start_server() { # name scenario
     fi
     case $name in
         hubbub)
+            # The senders of saturate and large-60k send as fast as the server
+            # takes it, far over the per-connection rate limit people get by
+            # default: that limit is off here (HUBBUB_ARGS can set one).
             # shellcheck disable=SC2086
             RUST_LOG=${RUST_LOG:-warn} "$ROOT/target/release/hubbub" --host 127.0.0.1 --http-port 0 \
-                --ws-port "$CUR_PORT" --max-connections 20000 $HUBBUB_ARGS >"$logf" 2>&1 &
+                --ws-port "$CUR_PORT" --max-connections 20000 --rate-limit-per-sec 0 \
+                $HUBBUB_ARGS >"$logf" 2>&1 &
             ;;
         ws)
             node "$ROOT/bench/reference/server.js" "$CUR_PORT" >"$logf" 2>&1 &
@@ -185,6 +193,13 @@ run_floor() { # scenario args...
 
 for name in $SERVERS; do
     for scenario in $SCENARIOS; do
+        case $scenario in
+            saturate-100-v1 | fanout-1000-rooms)
+                if [[ $name != hubbub ]]; then
+                    [[ $name == floor ]] || log "skipping $scenario against $name: it needs rooms and hubbub.v1, which only hubbub has"
+                    continue
+                fi ;;
+        esac
         if [[ $name == floor ]]; then
             case $scenario in
                 fanout-100) wait_quiet; run_floor "$scenario" -n 100 -r 500 -b 64 -d "$DURATION" ;;
@@ -202,6 +217,15 @@ for name in $SERVERS; do
                 run_bench "$name" "$scenario" fanout -n 1000 -s 5 -r 20 -b 64 -d "$DURATION" ;;
             saturate-100)
                 run_bench "$name" "$scenario" saturate -n 100 -s 10 -b 64 -d "$DURATION" --warmup 2 ;;
+            saturate-100-v1)
+                # saturate-100 with every client speaking hubbub.v1: the cost of
+                # the envelopes and the offset checks (compare with saturate-100).
+                run_bench "$name" "$scenario" saturate -n 100 -s 10 -b 64 -d "$DURATION" --warmup 2 \
+                    --protocol hubbub.v1 ;;
+            fanout-1000-rooms)
+                # 1000 clients over /rooms/bench-0..9: 100 readers and one
+                # sender per room; each message reaches its room only.
+                run_bench "$name" "$scenario" fanout -n 1000 -s 10 -r 20 -b 64 -d "$DURATION" --rooms 10 ;;
             large-60k)
                 # One sender of 61,440-byte messages (under hubbub's default
                 # 64 KiB max message) and 4 more readers: MB/s taken in.

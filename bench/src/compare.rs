@@ -190,6 +190,18 @@ fn advantage(better: Better, subject: f64, baseline: f64) -> Option<f64> {
     }
 }
 
+/// What the clients spoke and over how many rooms, e.g. "hubbub.v1, 10 rooms".
+fn protocol_rooms(r: &Report) -> Option<String> {
+    if r.protocol.is_none() && r.rooms.is_none() {
+        return None; // a result older than --protocol and --rooms
+    }
+    let p = r.protocol.as_deref().unwrap_or("raw");
+    Some(match r.rooms.unwrap_or(1) {
+        1 => format!("{p}, 1 room"),
+        n => format!("{p}, {} rooms", thousands(n)),
+    })
+}
+
 fn server_of(r: &Report) -> String {
     r.server.clone().unwrap_or_else(|| "?".into())
 }
@@ -290,6 +302,17 @@ pub fn table(runs: &[Report], subject: Option<&str>, baseline: Option<&str>) -> 
             }
             rows.push(row);
         };
+        let setups: Vec<Option<String>> = servers
+            .iter()
+            .map(|s| find(label, s).and_then(protocol_rooms))
+            .collect();
+        if setups.iter().any(Option::is_some) {
+            let cells = setups
+                .into_iter()
+                .map(|v| v.unwrap_or_else(|| "-".into()))
+                .collect();
+            push("protocol, rooms".into(), cells, String::new());
+        }
         for m in &metrics {
             let vals: Vec<Option<f64>> = servers
                 .iter()
@@ -492,6 +515,36 @@ mod tests {
         // Fanout blocks get none of these rows.
         let f = table(&[fanout("a", "x", 1.0, 1.0, 0)], None, None);
         assert!(!f.contains("MB/s in") && !f.contains("server CPU s"), "{f}");
+    }
+
+    #[test]
+    fn protocol_and_rooms_are_shown_per_server() {
+        let mut v1 = fanout("hubbub", "fanout-1000-rooms", 20_000.0, 1.0, 0);
+        v1.protocol = Some("hubbub.v1".into());
+        v1.rooms = Some(10);
+        v1.room_paths = true;
+        // A result from before the flags: no row value.
+        let old = fanout("ws", "fanout-1000-rooms", 20_000.0, 1.0, 0);
+        let t = table(&[v1.clone(), old], None, None);
+        let row = t
+            .lines()
+            .find(|l| l.contains("protocol, rooms"))
+            .unwrap_or_else(|| panic!("{t}"));
+        assert!(
+            row.contains("hubbub.v1, 10 rooms") && row.trim_end().ends_with('-'),
+            "{row}"
+        );
+        // It survives the JSON line.
+        let back = parse_lines(&v1.to_json_line()).unwrap();
+        assert_eq!(back[0].protocol.as_deref(), Some("hubbub.v1"));
+        assert_eq!((back[0].rooms, back[0].room_paths), (Some(10), true));
+        let mut raw = fanout("hubbub", "x", 1.0, 1.0, 0);
+        raw.protocol = Some("raw".into());
+        raw.rooms = Some(1);
+        assert!(table(&[raw], None, None).contains("raw, 1 room"));
+        // Blocks of old results get no such row.
+        let f = table(&[fanout("a", "x", 1.0, 1.0, 0)], None, None);
+        assert!(!f.contains("protocol, rooms"), "{f}");
     }
 
     #[test]

@@ -11,13 +11,55 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::http::Uri;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, Uri};
+
+/// What the clients speak: what they ask for in the handshake and how they
+/// read what the server sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// No subprotocol: the server relays each message byte for byte.
+    #[default]
+    Raw,
+    /// `Sec-WebSocket-Protocol: hubbub.v1`: the server wraps each message in
+    /// a JSON envelope with its offset in the room (see `docs/protocol.md`).
+    HubbubV1,
+}
+
+impl Protocol {
+    /// The name used on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Raw => "raw",
+            Protocol::HubbubV1 => SUBPROTOCOL_V1,
+        }
+    }
+
+    /// The `Sec-WebSocket-Protocol` the client asks for.
+    pub fn subprotocol(self) -> Option<&'static str> {
+        match self {
+            Protocol::Raw => None,
+            Protocol::HubbubV1 => Some(SUBPROTOCOL_V1),
+        }
+    }
+}
+
+pub const SUBPROTOCOL_V1: &str = "hubbub.v1";
+
+/// The room path of room number `room`: `/rooms/bench-<room>`.
+pub fn room_path(room: u32) -> String {
+    format!("/rooms/bench-{room}")
+}
 
 /// Where to connect, parsed once from the `ws://` URL.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub url: String,
     pub addr: SocketAddr,
+    /// `ws://host:port`, for URLs with another path (rooms).
+    origin: String,
+    /// `?...` of the URL, or empty.
+    query: String,
 }
 
 impl Target {
@@ -40,10 +82,24 @@ impl Target {
             .with_context(|| format!("cannot resolve {host}"))?
             .next()
             .ok_or_else(|| anyhow!("{host} resolves to no address"))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| anyhow!("URL has no host: {url:?}"))?;
         Ok(Target {
             url: url.to_string(),
             addr,
+            origin: format!("ws://{authority}"),
+            query: uri.query().map(|q| format!("?{q}")).unwrap_or_default(),
         })
+    }
+
+    /// The URL to connect to: the one given, or for a room its path
+    /// `/rooms/bench-<room>` on the same host (the query is kept).
+    pub fn url_for(&self, room: Option<u32>) -> String {
+        match room {
+            None => self.url.clone(),
+            Some(r) => format!("{}{}{}", self.origin, room_path(r), self.query),
+        }
     }
 }
 
@@ -73,6 +129,9 @@ pub struct ConnectOpts {
     /// SO_RCVBUF for this socket (a client that never reads is then
     /// backed up after this many bytes instead of the kernel default).
     pub recv_buffer: Option<u32>,
+    /// Join room `/rooms/bench-<room>` instead of the URL's own path.
+    pub room: Option<u32>,
+    pub protocol: Protocol,
 }
 
 /// Opens one WebSocket connection and returns the raw socket, positioned
@@ -104,12 +163,62 @@ async fn connect_inner(target: &Target, opts: ConnectOpts) -> anyhow::Result<Tcp
         .await
         .with_context(|| format!("connect {}", target.addr))?;
     stream.set_nodelay(true)?;
-    let (ws, resp) = tokio_tungstenite::client_async(target.url.as_str(), HeadOnly::new(stream))
-        .await
-        .context("WebSocket handshake")?;
+    let url = target.url_for(opts.room);
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .with_context(|| format!("invalid URL {url:?}"))?;
+    if let Some(p) = opts.protocol.subprotocol() {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(p));
+    }
+    let (ws, resp) = match tokio_tungstenite::client_async(req, HeadOnly::new(stream)).await {
+        Ok(x) => x,
+        Err(e) => {
+            use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+            if let (Some(p), WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(_))) =
+                (opts.protocol.subprotocol(), &e)
+            {
+                bail!(
+                    "WebSocket handshake with {url}: the server did not accept subprotocol {p} \
+                     (its 101 response has no `Sec-WebSocket-Protocol: {p}`; a server without \
+                     hubbub.v1 needs --protocol raw): {e}"
+                );
+            }
+            return Err(anyhow::Error::new(e).context(format!("WebSocket handshake with {url}")));
+        }
+    };
     debug_assert_eq!(resp.status().as_u16(), 101);
+    check_subprotocol(
+        opts.protocol,
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(HeaderValue::as_bytes),
+    )
+    .with_context(|| format!("WebSocket handshake with {url}"))?;
     let head_only = ws.into_inner();
     Ok(head_only.into_inner())
+}
+
+/// Checks the `Sec-WebSocket-Protocol` of the server's 101 against what
+/// was asked for (tungstenite checks it too; this makes the rule explicit
+/// and the error plain).
+pub fn check_subprotocol(asked: Protocol, echoed: Option<&[u8]>) -> anyhow::Result<()> {
+    match (asked.subprotocol(), echoed) {
+        (None, None) => Ok(()),
+        (Some(p), Some(e)) if e == p.as_bytes() => Ok(()),
+        (Some(p), None) => bail!(
+            "the server did not accept subprotocol {p} (no Sec-WebSocket-Protocol in its 101)"
+        ),
+        (Some(p), Some(e)) => bail!(
+            "the server answered subprotocol {:?} instead of {p}",
+            String::from_utf8_lossy(e)
+        ),
+        (None, Some(e)) => bail!(
+            "the server chose subprotocol {:?} that was not asked for",
+            String::from_utf8_lossy(e)
+        ),
+    }
 }
 
 /// Wraps the socket during the handshake so tungstenite is never handed a
@@ -274,5 +383,36 @@ mod tests {
         );
         let v6: SocketAddr = "[::1]:8081".parse().unwrap();
         assert_eq!(source_addr(5, 4, &v6), None);
+    }
+
+    #[tokio::test]
+    async fn room_urls_keep_host_port_and_query() {
+        let t = Target::resolve("ws://127.0.0.1:8081/").await.unwrap();
+        assert_eq!(t.url_for(None), "ws://127.0.0.1:8081/");
+        assert_eq!(t.url_for(Some(7)), "ws://127.0.0.1:8081/rooms/bench-7");
+        let t = Target::resolve("ws://127.0.0.1:9/x/y?since=3&epoch=e")
+            .await
+            .unwrap();
+        assert_eq!(t.url_for(None), "ws://127.0.0.1:9/x/y?since=3&epoch=e");
+        assert_eq!(
+            t.url_for(Some(0)),
+            "ws://127.0.0.1:9/rooms/bench-0?since=3&epoch=e"
+        );
+    }
+
+    #[test]
+    fn subprotocol_must_be_echoed_exactly() {
+        assert!(check_subprotocol(Protocol::Raw, None).is_ok());
+        assert!(check_subprotocol(Protocol::HubbubV1, Some(b"hubbub.v1")).is_ok());
+        let e = check_subprotocol(Protocol::HubbubV1, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("did not accept subprotocol hubbub.v1"),
+            "{e}"
+        );
+        assert!(check_subprotocol(Protocol::HubbubV1, Some(b"hubbub.v2")).is_err());
+        assert!(check_subprotocol(Protocol::Raw, Some(b"hubbub.v1")).is_err());
+        assert_eq!(Protocol::HubbubV1.name(), "hubbub.v1");
+        assert_eq!(Protocol::Raw.subprotocol(), None);
     }
 }

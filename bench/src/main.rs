@@ -3,7 +3,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use hubbub_bench::conn::Protocol;
 
 use hubbub_bench::floor::{self, FloorCfg};
 use hubbub_bench::report::Report;
@@ -54,11 +56,41 @@ struct OutputArgs {
     label: Option<String>,
 }
 
+/// `--protocol`: what the clients speak.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum ProtocolArg {
+    /// No subprotocol: messages relayed byte for byte.
+    Raw,
+    /// Ask for `Sec-WebSocket-Protocol: hubbub.v1` (the 101 must echo it):
+    /// skip hello/presence envelopes, check each room's offsets.
+    #[value(name = "hubbub.v1")]
+    HubbubV1,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Protocol {
+        match p {
+            ProtocolArg::Raw => Protocol::Raw,
+            ProtocolArg::HubbubV1 => Protocol::HubbubV1,
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 struct CommonArgs {
     /// WebSocket URL of the server (ws:// only).
     #[arg(long, default_value = "ws://127.0.0.1:8081/")]
     url: String,
+    /// What the clients speak: raw (no subprotocol) or hubbub.v1 (JSON
+    /// envelopes; loss and order checked on the room's offsets).
+    #[arg(long, value_enum, default_value = "raw")]
+    protocol: ProtocolArg,
+    /// Spread the clients over N rooms: client i joins
+    /// /rooms/bench-<i mod N> on the URL's host (each sender in one room;
+    /// deliveries expected per room). Without it every client uses the
+    /// URL as given (one room).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rooms: Option<u32>,
     /// Server process id: report its CPU and RSS from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -226,6 +258,8 @@ fn common_of(a: &CommonArgs) -> anyhow::Result<Common> {
     c.label = a.out.label.clone();
     c.server_name = a.server_name.clone();
     c.threads = a.threads.max(1);
+    c.protocol = a.protocol.into();
+    c.rooms = a.rooms.map(|n| n as usize);
     if let Some(pid) = a.server_pid {
         if sys::proc_rss_kib(pid).is_none() {
             anyhow::bail!("--server-pid {pid}: no readable /proc/{pid}/status");

@@ -17,6 +17,18 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
     pub url: String,
+    /// What the clients spoke: "raw" or "hubbub.v1" (absent in results
+    /// older than the flag: raw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Rooms the clients were spread over (client i in /rooms/bench-<i % rooms>;
+    /// 1 = the URL's own path unless --rooms 1 was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<u64>,
+    /// Whether the clients joined /rooms/bench-<i % rooms> (--rooms given)
+    /// rather than the URL's own path.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub room_paths: bool,
     /// Connections asked for.
     pub clients: u64,
     /// Connections that completed the handshake.
@@ -51,7 +63,8 @@ pub struct Report {
     /// Messages sent per second during the measured interval (all senders).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_rate: Option<f64>,
-    /// sent x readers.
+    /// Each sender's messages x the readers of its room, summed (with one
+    /// room: sent x readers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected: Option<u64>,
     /// Distinct messages received, all readers, whole run (drain included).
@@ -76,7 +89,8 @@ pub struct Report {
     /// the interval's length.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mb_in_per_sec: Option<f64>,
-    /// Sequence numbers readers never received.
+    /// Messages readers never received: per sender's sequence numbers
+    /// (raw), or the room's offsets (hubbub.v1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<u64>,
     /// Part of `lost`: numbers skipped while a later one of the same sender arrived.
@@ -93,6 +107,13 @@ pub struct Report {
     /// Received messages that were not this run's (other traffic, or mangled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub foreign: Option<u64>,
+    /// This run's messages received by a reader of another room than the sender's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub misrouted: Option<u64>,
+    /// hubbub.v1: history messages replayed on join (offsets at or below
+    /// hello's), skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<LatencySummary>,
     /// Readers (or idle connections) the server closed before the end.
@@ -177,6 +198,21 @@ impl Report {
             (None, None) => self.mode.clone(),
         };
         rows.push(("url", Some(self.url.clone())));
+        rows.push(("protocol", self.protocol.clone()));
+        rows.push((
+            "rooms",
+            self.rooms.map(|n| {
+                if self.room_paths {
+                    format!(
+                        "{} (client i in /rooms/bench-<i mod {}>)",
+                        thousands(n),
+                        thousands(n)
+                    )
+                } else {
+                    format!("{} (the URL's path)", thousands(n))
+                }
+            }),
+        ));
         rows.push((
             "connections",
             Some(format!(
@@ -253,6 +289,14 @@ impl Report {
         rows.push(("reordered", opt(self.reordered, thousands)));
         rows.push(("duplicates", opt(self.duplicates, thousands)));
         rows.push(("foreign", opt(self.foreign.filter(|&f| f > 0), thousands)));
+        rows.push((
+            "misrouted (other room's)",
+            opt(self.misrouted.filter(|&f| f > 0), thousands),
+        ));
+        rows.push((
+            "history replayed (skipped)",
+            opt(self.replayed.filter(|&f| f > 0), thousands),
+        ));
         if let Some(l) = &self.latency {
             rows.push((
                 "latency ms p50/p90/p99",
@@ -383,5 +427,49 @@ mod tests {
         let t = r.to_table();
         assert!(t.contains("server RSS per connection"));
         assert!(t.contains("1500 B (1.46 KiB)"));
+        assert!(!line.contains("room_paths"), "false is left out: {line}");
+    }
+
+    #[test]
+    fn protocol_and_rooms_in_json_and_table() {
+        let r = Report {
+            mode: "fanout".into(),
+            url: "ws://127.0.0.1:1/".into(),
+            protocol: Some("hubbub.v1".into()),
+            rooms: Some(10),
+            room_paths: true,
+            misrouted: Some(0),
+            replayed: Some(3),
+            ..Report::default()
+        };
+        let line = r.to_json_line();
+        assert!(
+            line.contains(r#""protocol":"hubbub.v1","rooms":10,"room_paths":true"#),
+            "{line}"
+        );
+        let back: Report = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, r);
+        let t = r.to_table();
+        assert!(t.contains("hubbub.v1"), "{t}");
+        assert!(
+            t.contains("10 (client i in /rooms/bench-<i mod 10>)"),
+            "{t}"
+        );
+        assert!(t.contains("history replayed (skipped)  3"), "{t}");
+        assert!(!t.contains("misrouted"), "zero is not shown: {t}");
+        let one = Report {
+            rooms: Some(1),
+            room_paths: false,
+            ..r
+        };
+        assert!(one.to_table().contains("1 (the URL's path)"));
+        // A line from before the flags still parses.
+        let old: Report =
+            serde_json::from_str(r#"{"mode":"idle","url":"u","clients":1,"connected":1,"connect_failed":0,"connect_secs":0.1,"measured_secs":1.0,"tool_cpu_pct":1.0,"tool_threads":1}"#)
+                .unwrap();
+        assert_eq!(
+            (old.protocol, old.rooms, old.room_paths),
+            (None, None, false)
+        );
     }
 }

@@ -14,13 +14,14 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 
-use crate::conn::{self, ConnectOpts, Target};
+use crate::account::{Account, AccountCfg};
+use crate::conn::{self, ConnectOpts, Protocol, Target};
 use crate::frame::{self, FrameReader, MaskGen};
 use crate::latency;
 use crate::payload::{self, Header};
 use crate::report::Report;
 use crate::sys::{self, CpuMark};
-use crate::tracker::{self, Counts, SeqTracker};
+use crate::tracker::{self, Counts};
 
 /// Settings every mode shares.
 #[derive(Debug, Clone)]
@@ -43,6 +44,11 @@ pub struct Common {
     pub server_name: Option<String>,
     /// Worker threads of the runtime (for the report only).
     pub threads: usize,
+    /// What the clients speak.
+    pub protocol: Protocol,
+    /// `Some(n)`: client `i` joins `/rooms/bench-<i % n>`; `None`: every
+    /// client uses the URL as given (one room).
+    pub rooms: Option<usize>,
 }
 
 impl Common {
@@ -60,7 +66,24 @@ impl Common {
             label: None,
             server_name: None,
             threads: 1,
+            protocol: Protocol::Raw,
+            rooms: None,
         }
+    }
+
+    /// How many rooms the clients are spread over.
+    pub fn room_count(&self) -> u32 {
+        self.rooms.unwrap_or(1).max(1) as u32
+    }
+
+    /// Client `i`'s room number (0 when the URL's path is used).
+    pub fn room_of(&self, i: usize) -> u32 {
+        (i % self.room_count() as usize) as u32
+    }
+
+    /// Client `i`'s room path to join, if rooms were asked for.
+    fn room_path_of(&self, i: usize) -> Option<u32> {
+        self.rooms.map(|_| self.room_of(i))
     }
 }
 
@@ -122,14 +145,10 @@ struct Shared {
 #[derive(Debug, Clone, Copy)]
 struct ReaderCtx {
     epoch: Instant,
-    run: u16,
-    senders: usize,
-    /// Our own sender id, if this connection sends.
-    me: Option<u32>,
-    size: Option<usize>,
+    /// The run, this connection's room and sender id, the protocol.
+    acct: AccountCfg,
     read_buf: usize,
     max_frame: usize,
-    track_latency: bool,
 }
 
 impl ReaderCtx {
@@ -138,22 +157,25 @@ impl ReaderCtx {
     fn timed(common: &Common, senders: usize, size: usize) -> ReaderCtx {
         ReaderCtx {
             epoch: Instant::now(),
-            run: run_tag(),
-            senders,
-            me: None,
-            size: Some(size),
+            acct: AccountCfg {
+                protocol: common.protocol,
+                run: run_tag(),
+                senders,
+                room: 0,
+                rooms: common.room_count(),
+                me: None,
+                size: Some(size),
+                track_latency: true,
+            },
             read_buf: common.read_buf,
             max_frame: common.max_frame,
-            track_latency: true,
         }
     }
 }
 
 #[derive(Debug)]
 struct ReaderResult {
-    tracker: SeqTracker,
-    hist: Option<Histogram<u32>>,
-    foreign: u64,
+    acct: Account,
     /// The server ended the connection: close code if it sent one.
     server_closed: Option<Option<u16>>,
     error: Option<String>,
@@ -194,13 +216,11 @@ async fn reader_task(
     mut stop: watch::Receiver<bool>,
 ) -> ReaderResult {
     let mut fr = FrameReader::new(ctx.read_buf, ctx.max_frame);
-    let mut tracker = SeqTracker::new(ctx.senders);
-    let mut hist = ctx.track_latency.then(latency::new_conn_histogram);
+    let mut acct = Account::new(ctx.acct);
     let mut masks = MaskGen::new(seed());
-    let mut foreign = 0u64;
-    let mut confirmed = 0u64;
     // Reassembly of fragmented messages (servers rarely fragment; reused).
     let mut frag: Vec<u8> = Vec::new();
+    let mut frag_opcode = frame::OP_TEXT;
     let mut in_frag = false;
     let mut server_closed = None;
     let mut error = None;
@@ -221,7 +241,7 @@ async fn reader_task(
         fr.filled(n);
         // One clock reading per read: every message in it arrived together.
         let now = now_ns(ctx.epoch);
-        let confirmed_before = confirmed;
+        let confirmed_before = acct.confirmed;
         loop {
             let f = match fr.next_frame() {
                 Ok(Some(f)) => f,
@@ -231,11 +251,12 @@ async fn reader_task(
                     break 'outer;
                 }
             };
-            let msg: &[u8] = match f.opcode {
-                frame::OP_TEXT | frame::OP_BINARY if f.fin && !in_frag => f.payload,
+            let (opcode, msg): (u8, &[u8]) = match f.opcode {
+                frame::OP_TEXT | frame::OP_BINARY if f.fin && !in_frag => (f.opcode, f.payload),
                 frame::OP_TEXT | frame::OP_BINARY => {
                     frag.clear();
                     frag.extend_from_slice(f.payload);
+                    frag_opcode = f.opcode;
                     in_frag = true;
                     continue;
                 }
@@ -245,7 +266,7 @@ async fn reader_task(
                         continue;
                     }
                     in_frag = false;
-                    &frag
+                    (frag_opcode, &frag)
                 }
                 frame::OP_CONT => {
                     error = Some("continuation frame without a start".into());
@@ -270,45 +291,21 @@ async fn reader_task(
                 }
                 _ => continue, // parse_header rejects other opcodes
             };
-            match payload::decode(msg, ctx.size) {
-                Ok(Header {
-                    run,
-                    sender,
-                    seq,
-                    ts_ns,
-                }) if run == ctx.run && (sender as usize) < ctx.senders => {
-                    let outcome = tracker.record(sender as usize, seq);
-                    if outcome != tracker::Outcome::Duplicate {
-                        if let Some(h) = hist.as_mut() {
-                            latency::record_ns(h, now.saturating_sub(ts_ns));
-                        }
-                    }
-                    if ctx.me == Some(sender) && seq >= confirmed {
-                        confirmed = seq + 1;
-                    }
-                }
-                _ => foreign += 1,
-            }
+            acct.on_message(opcode, msg, now);
         }
-        shared
-            .received
-            .store(tracker.counts().unique, Ordering::Relaxed);
-        if confirmed != confirmed_before {
-            shared.confirmed.store(confirmed, Ordering::Release);
+        shared.received.store(acct.received(), Ordering::Relaxed);
+        if acct.confirmed != confirmed_before {
+            shared.confirmed.store(acct.confirmed, Ordering::Release);
             shared.confirm.notify_one();
         }
     }
-    shared
-        .received
-        .store(tracker.counts().unique, Ordering::Relaxed);
+    shared.received.store(acct.received(), Ordering::Relaxed);
     if server_closed.is_some() || error.is_some() {
         shared.closed.store(true, Ordering::Relaxed);
         shared.confirm.notify_one();
     }
     ReaderResult {
-        tracker,
-        hist,
-        foreign,
+        acct,
         server_closed,
         error,
     }
@@ -373,54 +370,82 @@ async fn paced_writer(
     Ok(seq)
 }
 
-/// Saturate's guard against readers falling behind: the senders together
-/// may be at most `max_lag` messages ahead of the slowest open reader.
+/// Saturate's guard against readers falling behind: the senders of a room
+/// together may be at most `max_lag` messages ahead of the slowest open
+/// reader of that room (a reader receives its room's messages only).
 /// Without it a reader the tool serves late would pile up messages in the
 /// server until a server with a bounded per-peer queue (as it should have)
 /// disconnects it, and the run would measure that instead of throughput.
 #[derive(Debug)]
 struct LagGate {
     max_lag: u64,
-    /// Messages written by all senders.
-    sent_total: AtomicU64,
-    /// Distinct messages received by the slowest open reader.
-    min_received: AtomicU64,
-    /// Wakes blocked senders when `min_received` moves.
+    rooms: Vec<RoomLag>,
+    /// Wakes blocked senders when a room's `min_received` moves.
     moved: Notify,
 }
 
+#[derive(Debug, Default)]
+struct RoomLag {
+    /// Messages written by the room's senders.
+    sent_total: AtomicU64,
+    /// Distinct messages received by the room's slowest open reader.
+    min_received: AtomicU64,
+}
+
 impl LagGate {
-    /// How many more messages may be sent now.
-    fn allowance(&self) -> u64 {
+    fn new(max_lag: u64, rooms: u32) -> LagGate {
+        LagGate {
+            max_lag,
+            rooms: (0..rooms.max(1)).map(|_| RoomLag::default()).collect(),
+            moved: Notify::new(),
+        }
+    }
+
+    /// How many more messages a sender of `room` may send now.
+    fn allowance(&self, room: u32) -> u64 {
         if self.max_lag == 0 {
             return u64::MAX;
         }
-        let ahead = self
+        let r = &self.rooms[room as usize];
+        let ahead = r
             .sent_total
             .load(Ordering::Acquire)
-            .saturating_sub(self.min_received.load(Ordering::Acquire));
+            .saturating_sub(r.min_received.load(Ordering::Acquire));
         self.max_lag.saturating_sub(ahead)
     }
 
-    /// Recomputes the slowest reader's count every millisecond until `stop`.
-    async fn watch(self: Arc<Self>, readers: Vec<Arc<Shared>>, mut stop: watch::Receiver<bool>) {
+    /// Recomputes each room's slowest reader count every millisecond until
+    /// `stop`. `readers` are (room, counters).
+    async fn watch(
+        self: Arc<Self>,
+        readers: Vec<(u32, Arc<Shared>)>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut last = 0;
+        let mut last = vec![0u64; self.rooms.len()];
+        let mut min = vec![u64::MAX; self.rooms.len()];
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = tick.tick() => {}
             }
-            let min = readers
-                .iter()
-                .filter(|r| !r.closed.load(Ordering::Relaxed))
-                .map(|r| r.received.load(Ordering::Relaxed))
-                .min()
-                .unwrap_or(u64::MAX);
-            if min != last {
-                last = min;
-                self.min_received.store(min, Ordering::Release);
+            min.fill(u64::MAX);
+            for (room, r) in &readers {
+                if !r.closed.load(Ordering::Relaxed) {
+                    let m = &mut min[*room as usize];
+                    *m = (*m).min(r.received.load(Ordering::Relaxed));
+                }
+            }
+            let mut moved = false;
+            for (i, (&m, l)) in min.iter().zip(last.iter_mut()).enumerate() {
+                if m != *l {
+                    *l = m;
+                    self.rooms[i].min_received.store(m, Ordering::Release);
+                    moved = true;
+                }
+            }
+            if moved {
                 self.moved.notify_waiters();
             }
         }
@@ -439,6 +464,7 @@ async fn windowed_writer(
     size: usize,
     window: u64,
     gate: Arc<LagGate>,
+    room: u32,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<u64, String> {
@@ -458,7 +484,7 @@ async fn windowed_writer(
         gate_moved.as_mut().enable();
         let confirmed = shared.confirmed.load(Ordering::Acquire);
         let in_flight = seq.saturating_sub(confirmed);
-        let n = window.saturating_sub(in_flight).min(gate.allowance());
+        let n = window.saturating_sub(in_flight).min(gate.allowance(room));
         if n > 0 {
             // Send all the window allows in one write.
             out.clear();
@@ -468,7 +494,9 @@ async fn windowed_writer(
                 frame::encode_frame(&mut out, frame::OP_TEXT, &body, masks.next_mask());
                 seq += 1;
             }
-            gate.sent_total.fetch_add(n, Ordering::AcqRel);
+            gate.rooms[room as usize]
+                .sent_total
+                .fetch_add(n, Ordering::AcqRel);
             if let Err(e) = wr.lock().await.write_all(&out).await {
                 return Err(format!("send: {e}"));
             }
@@ -658,6 +686,10 @@ struct Collected {
     lost_gaps: u64,
     lost_tail: u64,
     foreign: u64,
+    misrouted: u64,
+    replayed: u64,
+    /// hubbub.v1 readers that got a message before any hello.
+    no_hello: u64,
     hist: Option<Histogram<u64>>,
     closed_by_server: u64,
     close_codes: BTreeMap<String, u64>,
@@ -676,12 +708,16 @@ async fn collect(readers: Vec<JoinHandle<ReaderResult>>, sent: &[u64], latency: 
     for h in readers {
         match h.await {
             Ok(r) => {
-                c.counts += r.tracker.counts();
-                let (g, t) = r.tracker.lost_parts(sent);
-                c.lost_gaps += g;
-                c.lost_tail += t;
-                c.foreign += r.foreign;
-                if let (Some(total), Some(part)) = (c.hist.as_mut(), r.hist.as_ref()) {
+                let a = &r.acct;
+                let s = a.summary(sent);
+                c.counts += s.counts;
+                c.lost_gaps += s.lost_gaps;
+                c.lost_tail += s.lost_tail;
+                c.foreign += a.foreign;
+                c.misrouted += a.misrouted;
+                c.replayed += a.replayed;
+                c.no_hello += u64::from(a.message_before_hello);
+                if let (Some(total), Some(part)) = (c.hist.as_mut(), a.histogram()) {
                     latency::merge_into(total, part);
                 }
                 if let Some(code) = r.server_closed {
@@ -696,6 +732,12 @@ async fn collect(readers: Vec<JoinHandle<ReaderResult>>, sent: &[u64], latency: 
             }
             Err(e) => c.errors.push(format!("reader task: {e}")),
         }
+    }
+    if c.no_hello > 0 {
+        c.errors.push(format!(
+            "{} hubbub.v1 readers got a message before any hello (offsets checked from their first message)",
+            c.no_hello
+        ));
     }
     c
 }
@@ -737,6 +779,9 @@ fn run_tag() -> u16 {
 fn base_report(mode: &str, common: &Common, clients: usize) -> Report {
     Report {
         mode: mode.to_string(),
+        protocol: Some(common.protocol.name().to_string()),
+        rooms: Some(u64::from(common.room_count())),
+        room_paths: common.rooms.is_some(),
         label: common.label.clone(),
         server: common.server_name.clone(),
         url: common.url.clone(),
@@ -771,6 +816,8 @@ async fn connect_clients(
         } else {
             None
         },
+        room: common.room_path_of(i),
+        protocol: common.protocol,
     })
     .await;
     report.connect_secs = secs;
@@ -793,7 +840,11 @@ async fn connect_clients(
             (None, Some(rd))
         } else {
             let ctx = ReaderCtx {
-                me: (i < senders).then_some(i as u32),
+                acct: AccountCfg {
+                    me: (i < senders).then_some(i as u32),
+                    room: common.room_of(i),
+                    ..ctx.acct
+                },
                 ..ctx
             };
             let h = tokio::spawn(reader_task(
@@ -815,6 +866,15 @@ async fn connect_clients(
     Ok(out)
 }
 
+fn check_rooms(common: &Common) -> anyhow::Result<()> {
+    if let Some(n) = common.rooms {
+        if n == 0 || n > u32::MAX as usize {
+            bail!("--rooms must be at least 1");
+        }
+    }
+    Ok(())
+}
+
 fn check_message_size(size: usize) -> anyhow::Result<()> {
     if size < payload::HEADER_LEN {
         bail!(
@@ -825,10 +885,22 @@ fn check_message_size(size: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until every reader has `sent_total` messages, or `limit`.
-async fn drain(readers: &[Arc<Shared>], sent_total: u64, limit: Duration) {
+/// Deliveries the run should make: each sender's messages times the
+/// readers of its room. `reader_rooms` are the rooms of the readers.
+fn expected_deliveries(common: &Common, sent: &[u64], reader_rooms: &[u32]) -> u64 {
+    let mut per_room = vec![0u64; common.room_count() as usize];
+    for &r in reader_rooms {
+        per_room[r as usize] += 1;
+    }
+    sent.iter()
+        .enumerate()
+        .map(|(s, &n)| n * per_room[common.room_of(s) as usize])
+        .sum()
+}
+
+/// Waits until the readers have received `want` messages in all, or `limit`.
+async fn drain(readers: &[Arc<Shared>], want: u64, limit: Duration) {
     let deadline = Instant::now() + limit;
-    let want = sent_total * readers.len() as u64;
     while sum_received(readers) < want && Instant::now() < deadline {
         if readers.iter().all(|r| r.closed.load(Ordering::Relaxed)) {
             break;
@@ -846,17 +918,19 @@ fn finish_cpu(report: &mut Report, mark: &CpuMark, pid: Option<u32>) {
     report.other_cpu_pct = u.other_pct;
 }
 
-fn fill_deliveries(report: &mut Report, c: &Collected, sent_total: u64, readers: u64) {
+fn fill_deliveries(report: &mut Report, c: &Collected, sent_total: u64, expected: u64) {
     report.sent = Some(sent_total);
-    report.expected = Some(sent_total * readers);
+    report.expected = Some(expected);
     report.received = Some(c.counts.unique);
-    report.delivery_ratio = tracker::delivery_ratio(c.counts.unique, sent_total, readers);
+    report.delivery_ratio = tracker::delivery_ratio(c.counts.unique, expected, 1);
     report.lost = Some(c.lost_gaps + c.lost_tail);
     report.lost_gaps = Some(c.lost_gaps);
     report.lost_tail = Some(c.lost_tail);
     report.reordered = Some(c.counts.reordered);
     report.duplicates = Some(c.counts.duplicates);
     report.foreign = Some(c.foreign);
+    report.misrouted = Some(c.misrouted);
+    report.replayed = Some(c.replayed);
     report.latency = c.hist.as_ref().and_then(latency::summarize);
     report.closed_by_server = Some(c.closed_by_server);
     report.close_codes = c.close_codes.clone();
@@ -866,6 +940,7 @@ fn fill_deliveries(report: &mut Report, c: &Collected, sent_total: u64, readers:
 /// `fanout`: N clients, S of them send R msg/s of B bytes for D seconds.
 pub async fn fanout(common: &Common, cfg: &FanoutCfg) -> anyhow::Result<Report> {
     check_message_size(cfg.size)?;
+    check_rooms(common)?;
     if cfg.senders == 0 || cfg.senders + cfg.slow > cfg.clients {
         bail!("need 1 <= senders and senders + slow <= clients");
     }
@@ -884,7 +959,7 @@ pub async fn fanout(common: &Common, cfg: &FanoutCfg) -> anyhow::Result<Report> 
     report.size = Some(cfg.size as u64);
 
     let ctx = ReaderCtx::timed(common, cfg.senders, cfg.size);
-    let (epoch, run) = (ctx.epoch, ctx.run);
+    let (epoch, run) = (ctx.epoch, ctx.acct.run);
     let (stop_readers_tx, stop_readers) = watch::channel(false);
     let mut clients = connect_clients(
         common,
@@ -902,6 +977,9 @@ pub async fn fanout(common: &Common, cfg: &FanoutCfg) -> anyhow::Result<Report> 
         .iter()
         .filter(|c| c.reader.is_some())
         .map(|c| c.shared.clone())
+        .collect();
+    let reader_rooms: Vec<u32> = (0..cfg.clients - cfg.slow)
+        .map(|i| common.room_of(i))
         .collect();
     report.readers = Some(readers.len() as u64);
 
@@ -948,7 +1026,8 @@ pub async fn fanout(common: &Common, cfg: &FanoutCfg) -> anyhow::Result<Report> 
     finish_cpu(&mut report, &cpu, common.server_pid);
     let sent = join_writers(writers, &clients, &mut report).await;
     let sent_total: u64 = sent.iter().sum();
-    drain(&readers, sent_total, cfg.drain).await;
+    let expected = expected_deliveries(common, &sent, &reader_rooms);
+    drain(&readers, expected, cfg.drain).await;
 
     // Slow clients: did the server cut them off?
     let probe_deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -975,7 +1054,7 @@ pub async fn fanout(common: &Common, cfg: &FanoutCfg) -> anyhow::Result<Report> 
     let s = sampler.handle.await.unwrap_or_default();
 
     let nreaders = readers.len() as u64;
-    fill_deliveries(&mut report, &collected, sent_total, nreaders);
+    fill_deliveries(&mut report, &collected, sent_total, expected);
     report.close_codes.extend(slow_codes);
     report.slow_closed_by_server = (cfg.slow > 0).then_some(slow_closed);
     report.measured_secs = measured;
@@ -1048,6 +1127,7 @@ fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 /// `saturate`: senders send as fast as the server takes it (bounded window).
 pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Report> {
     check_message_size(cfg.size)?;
+    check_rooms(common)?;
     if cfg.senders == 0 || cfg.senders > cfg.clients {
         bail!("need 1 <= senders <= clients");
     }
@@ -1063,7 +1143,7 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     report.size = Some(cfg.size as u64);
 
     let ctx = ReaderCtx::timed(common, cfg.senders, cfg.size);
-    let (epoch, run) = (ctx.epoch, ctx.run);
+    let (epoch, run) = (ctx.epoch, ctx.acct.run);
     let (stop_readers_tx, stop_readers) = watch::channel(false);
     let mut clients = connect_clients(
         common,
@@ -1078,6 +1158,7 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     )
     .await?;
     let readers: Vec<Arc<Shared>> = clients.iter().map(|c| c.shared.clone()).collect();
+    let reader_rooms: Vec<u32> = (0..cfg.clients).map(|i| common.room_of(i)).collect();
     report.readers = Some(readers.len() as u64);
 
     let (stop_senders_tx, stop_senders) = watch::channel(false);
@@ -1088,14 +1169,14 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
         measuring.clone(),
         stop_readers.clone(),
     );
-    let gate = Arc::new(LagGate {
-        max_lag: cfg.max_lag,
-        sent_total: AtomicU64::new(0),
-        min_received: AtomicU64::new(0),
-        moved: Notify::new(),
-    });
+    let gate = Arc::new(LagGate::new(cfg.max_lag, common.room_count()));
     if cfg.max_lag > 0 {
-        tokio::spawn(gate.clone().watch(readers.clone(), stop_senders.clone()));
+        let by_room = readers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (common.room_of(i), r.clone()))
+            .collect();
+        tokio::spawn(gate.clone().watch(by_room, stop_senders.clone()));
     }
     let writers: Vec<_> = clients
         .iter()
@@ -1110,6 +1191,7 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
                 cfg.size,
                 cfg.window,
                 gate.clone(),
+                common.room_of(i),
                 c.shared.clone(),
                 stop_senders.clone(),
             ))
@@ -1132,7 +1214,8 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     let _ = stop_senders_tx.send(true);
     let sent = join_writers(writers, &clients, &mut report).await;
     let sent_total: u64 = sent.iter().sum();
-    drain(&readers, sent_total, cfg.drain).await;
+    let expected = expected_deliveries(common, &sent, &reader_rooms);
+    drain(&readers, expected, cfg.drain).await;
     let _ = stop_readers_tx.send(true);
     let handles: Vec<_> = clients.iter_mut().filter_map(|c| c.reader.take()).collect();
     let collected = collect(handles, &sent, true).await;
@@ -1140,7 +1223,7 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     let s = sampler.handle.await.unwrap_or_default();
 
     let nreaders = readers.len() as u64;
-    fill_deliveries(&mut report, &collected, sent_total, nreaders);
+    fill_deliveries(&mut report, &collected, sent_total, expected);
     report.measured_secs = measured;
     report.send_rate = Some((s1 - s0) as f64 / measured);
     // Payload bytes the server took in from the senders, MB = 10^6 bytes.
@@ -1163,23 +1246,33 @@ pub async fn idle(common: &Common, cfg: &IdleCfg) -> anyhow::Result<Report> {
             cfg.clients
         );
     }
+    check_rooms(common)?;
     let target = Target::resolve(&common.url).await?;
     let mut report = base_report("idle", common, cfg.clients);
+    // No sender: every data message is foreign, except hubbub.v1's hello
+    // and presence envelopes, which are skipped.
     let ctx = ReaderCtx {
         epoch: Instant::now(),
-        run: run_tag(),
-        senders: 0,
-        me: None,
-        size: None,
+        acct: AccountCfg {
+            protocol: common.protocol,
+            run: run_tag(),
+            senders: 0,
+            room: 0,
+            rooms: common.room_count(),
+            me: None,
+            size: None,
+            track_latency: false,
+        },
         read_buf: common.read_buf,
         max_frame: common.max_frame,
-        track_latency: false,
     };
     let (stop_tx, stop) = watch::channel(false);
     let ips = source_ips_for(common, cfg.clients);
     let (streams, errors, secs) = ramp(common, &target, cfg.clients, |i| ConnectOpts {
         source: conn::source_addr(i, ips, &target.addr),
         recv_buffer: None,
+        room: common.room_path_of(i),
+        protocol: common.protocol,
     })
     .await;
     report.connect_secs = secs;
@@ -1189,10 +1282,18 @@ pub async fn idle(common: &Common, cfg: &IdleCfg) -> anyhow::Result<Report> {
     let mut shared = Vec::new();
     let mut handles = Vec::new();
     let mut writers = Vec::new();
-    for s in streams.into_iter().flatten() {
+    for (i, s) in streams.into_iter().enumerate() {
+        let Some(s) = s else { continue };
         let (rd, wr) = s.into_split();
         let sh = Arc::new(Shared::default());
         let w = Arc::new(Mutex::new(wr));
+        let ctx = ReaderCtx {
+            acct: AccountCfg {
+                room: common.room_of(i),
+                ..ctx.acct
+            },
+            ..ctx
+        };
         handles.push(tokio::spawn(reader_task(
             rd,
             w.clone(),
@@ -1227,6 +1328,7 @@ pub async fn idle(common: &Common, cfg: &IdleCfg) -> anyhow::Result<Report> {
     report.closed_by_server = Some(collected.closed_by_server);
     report.close_codes = collected.close_codes;
     report.foreign = Some(collected.foreign);
+    report.replayed = Some(collected.replayed);
     report.errors.extend(collected.errors);
     report.server_rss_kib_max = max_opt(s.rss_max, report.server_rss_kib_after);
     if let (Some(b), Some(a)) = (report.server_rss_kib_before, report.server_rss_kib_after) {
@@ -1243,24 +1345,24 @@ mod tests {
     use super::*;
 
     fn gate(max_lag: u64, sent: u64, min_received: u64) -> LagGate {
-        LagGate {
-            max_lag,
-            sent_total: AtomicU64::new(sent),
-            min_received: AtomicU64::new(min_received),
-            moved: Notify::new(),
-        }
+        let g = LagGate::new(max_lag, 1);
+        g.rooms[0].sent_total.store(sent, Ordering::Relaxed);
+        g.rooms[0]
+            .min_received
+            .store(min_received, Ordering::Relaxed);
+        g
     }
 
     #[test]
     fn lag_gate_allowance() {
-        assert_eq!(gate(200, 0, 0).allowance(), 200);
-        assert_eq!(gate(200, 150, 0).allowance(), 50);
-        assert_eq!(gate(200, 250, 100).allowance(), 50);
-        assert_eq!(gate(200, 300, 100).allowance(), 0);
-        assert_eq!(gate(200, 400, 100).allowance(), 0, "never negative");
+        assert_eq!(gate(200, 0, 0).allowance(0), 200);
+        assert_eq!(gate(200, 150, 0).allowance(0), 50);
+        assert_eq!(gate(200, 250, 100).allowance(0), 50);
+        assert_eq!(gate(200, 300, 100).allowance(0), 0);
+        assert_eq!(gate(200, 400, 100).allowance(0), 0, "never negative");
         // No open reader left: nothing to wait for.
-        assert_eq!(gate(200, 400, u64::MAX).allowance(), 200);
-        assert_eq!(gate(0, 1_000_000, 0).allowance(), u64::MAX, "0 = no limit");
+        assert_eq!(gate(200, 400, u64::MAX).allowance(0), 200);
+        assert_eq!(gate(0, 1_000_000, 0).allowance(0), u64::MAX, "0 = no limit");
     }
 
     #[tokio::test]
@@ -1274,20 +1376,52 @@ mod tests {
         let moved = g.moved.notified();
         tokio::pin!(moved);
         moved.as_mut().enable();
-        let task = tokio::spawn(g.clone().watch(readers.clone(), rx));
+        let by_room = readers.iter().map(|r| (0, r.clone())).collect();
+        let task = tokio::spawn(g.clone().watch(by_room, rx));
         tokio::time::timeout(Duration::from_secs(5), &mut moved)
             .await
             .unwrap();
-        assert_eq!(g.min_received.load(Ordering::Relaxed), 10);
-        assert_eq!(g.allowance(), 0); // 120 sent, slowest at 10: 110 behind
-                                      // The slowest reader is closed by the server: it no longer holds senders back.
+        assert_eq!(g.rooms[0].min_received.load(Ordering::Relaxed), 10);
+        // 120 sent, slowest at 10: 110 behind.
+        assert_eq!(g.allowance(0), 0);
+        // The slowest reader is closed by the server: it no longer holds senders back.
         readers[1].closed.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while g.min_received.load(Ordering::Relaxed) != 50 {
+        while g.rooms[0].min_received.load(Ordering::Relaxed) != 50 {
             assert!(Instant::now() < deadline, "gate did not move");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        assert_eq!(g.allowance(), 30);
+        assert_eq!(g.allowance(0), 30);
+        tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn lag_gate_is_per_room() {
+        // Room 0: readers at 5 and 40; room 1: one reader at 90.
+        let readers: Vec<(u32, Arc<Shared>)> = [(0, 5), (1, 90), (0, 40)]
+            .into_iter()
+            .map(|(room, n)| {
+                let s = Arc::new(Shared::default());
+                s.received.store(n, Ordering::Relaxed);
+                (room, s)
+            })
+            .collect();
+        let g = Arc::new(LagGate::new(50, 2));
+        g.rooms[0].sent_total.store(50, Ordering::Relaxed);
+        g.rooms[1].sent_total.store(100, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(g.clone().watch(readers, rx));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while g.rooms[1].min_received.load(Ordering::Relaxed) != 90
+            || g.rooms[0].min_received.load(Ordering::Relaxed) != 5
+        {
+            assert!(Instant::now() < deadline, "gate did not move");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Room 0: 50 sent, slowest at 5 -> 5 more; room 1: 100 sent, at 90 -> 40 more.
+        assert_eq!(g.allowance(0), 5);
+        assert_eq!(g.allowance(1), 40);
         tx.send(true).unwrap();
         task.await.unwrap();
     }

@@ -1,17 +1,24 @@
-//! End-to-end runs of the tool against a small broadcast server written
-//! here with tokio-tungstenite: exact counts, no timing assumptions beyond
-//! "a second is plenty on loopback".
+//! End-to-end runs of the tool against small servers written here with
+//! tokio-tungstenite: a broadcast server with one room and no subprotocol,
+//! and a rooms server that speaks `hubbub.v1` to clients that ask for it
+//! (hello, history, presence, offsets) and can drop, repeat or reorder what
+//! it sends. Exact counts, no timing assumptions beyond "a second is plenty
+//! on loopback".
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::Message;
 
+use hubbub_bench::conn::Protocol;
 use hubbub_bench::run::{self, Common, FanoutCfg, IdleCfg, SaturateCfg};
 
 #[derive(Clone, Copy, Default)]
@@ -275,4 +282,462 @@ async fn refuses_a_bad_url_and_a_closed_port() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("connections failed"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Rooms and hubbub.v1
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Default)]
+struct RoomsOpts {
+    /// Messages already in each room when it is created (replayed to every
+    /// hubbub.v1 client on join, as hubbub's history is).
+    history: u64,
+    /// Per connection, of the live messages numbered from 1: drop those
+    /// whose number is a multiple of this (0: none) ...
+    drop_every: u64,
+    /// ... send those twice ...
+    dup_every: u64,
+    /// ... or hold those back and send them after the next one.
+    swap_every: u64,
+    /// Write envelopes the unusual but valid way: every character of the
+    /// data as a \u escape, members in another order, unknown fields.
+    odd_json: bool,
+}
+
+/// One room: its latest offset and history, and the live stream.
+struct Room {
+    state: Mutex<RoomState>,
+    tx: broadcast::Sender<(u64, String)>,
+}
+
+struct RoomState {
+    latest: u64,
+    history: Vec<(u64, String)>,
+    online: u64,
+}
+
+struct RoomsServer {
+    addr: SocketAddr,
+    /// (path, asked for hubbub.v1) of every accepted connection.
+    joins: Arc<Mutex<Vec<(String, bool)>>>,
+}
+
+fn json_str(s: &str, odd: bool) -> String {
+    if odd {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            let mut b = [0u16; 2];
+            for u in c.encode_utf16(&mut b) {
+                out.push_str(&format!("\\u{u:04X}"));
+            }
+        }
+        out.push('"');
+        out
+    } else {
+        serde_json::to_string(s).unwrap()
+    }
+}
+
+fn message_envelope(offset: u64, text: &str, odd: bool) -> String {
+    let ts = 1_764_525_600_123u64;
+    if odd {
+        format!(
+            r#"{{ "ts" : {ts}, "data" : {}, "x":{{"y":[1,"}}\"",{{}}]}}, "offset":{offset},"type":"message" }}"#,
+            json_str(text, true)
+        )
+    } else {
+        format!(
+            r#"{{"type":"message","offset":{offset},"ts":{ts},"data":{}}}"#,
+            json_str(text, false)
+        )
+    }
+}
+
+/// The room a path names: `/` is `lobby`, `/rooms/<name>` is `<name>`.
+fn room_of_path(path: &str) -> Option<String> {
+    match path {
+        "/" => Some("lobby".into()),
+        p => p
+            .strip_prefix("/rooms/")
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .map(str::to_string),
+    }
+}
+
+async fn start_rooms_server(opts: RoomsOpts) -> RoomsServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rooms: Arc<Mutex<HashMap<String, Arc<Room>>>> = Arc::default();
+    let joins: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+    let j = joins.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let rooms = rooms.clone();
+            let joins = j.clone();
+            tokio::spawn(async move {
+                let seen: Arc<Mutex<Option<(String, bool)>>> = Arc::default();
+                let s2 = seen.clone();
+                // tungstenite's callback type fixes the (large) error type.
+                #[allow(clippy::result_large_err)]
+                let callback = move |req: &Request, mut resp: Response| {
+                    let path = req.uri().path().to_string();
+                    if room_of_path(&path).is_none() {
+                        let mut e = ErrorResponse::new(Some("no such path".into()));
+                        *e.status_mut() = StatusCode::NOT_FOUND;
+                        return Err(e);
+                    }
+                    let v1 = req
+                        .headers()
+                        .get_all("Sec-WebSocket-Protocol")
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .flat_map(|v| v.split(','))
+                        .any(|p| p.trim() == "hubbub.v1");
+                    if v1 {
+                        resp.headers_mut().insert(
+                            "Sec-WebSocket-Protocol",
+                            HeaderValue::from_static("hubbub.v1"),
+                        );
+                    }
+                    *s2.lock().unwrap() = Some((path, v1));
+                    Ok(resp)
+                };
+                let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                    return;
+                };
+                let (path, v1) = seen.lock().unwrap().clone().unwrap();
+                joins.lock().unwrap().push((path.clone(), v1));
+                let name = room_of_path(&path).unwrap();
+                let room = rooms
+                    .lock()
+                    .unwrap()
+                    .entry(name.clone())
+                    .or_insert_with(|| {
+                        let history: Vec<(u64, String)> = (1..=opts.history)
+                            .map(|o| (o, format!("old chat {o} in {name}")))
+                            .collect();
+                        Arc::new(Room {
+                            state: Mutex::new(RoomState {
+                                latest: opts.history,
+                                history,
+                                online: 0,
+                            }),
+                            tx: broadcast::channel(1 << 16).0,
+                        })
+                    })
+                    .clone();
+                // Join: subscribe and snapshot under the lock, so the live
+                // stream starts right after `latest`.
+                let (mut rx, latest, history, online) = {
+                    let mut st = room.state.lock().unwrap();
+                    st.online += 1;
+                    (
+                        room.tx.subscribe(),
+                        st.latest,
+                        st.history.clone(),
+                        st.online,
+                    )
+                };
+                let (mut sink, mut stream) = ws.split();
+                if v1 {
+                    let mut first = vec![format!(
+                        r#"{{"type":"hello","room":{},"epoch":"e1","offset":{latest},"online":{online},"max_message_bytes":65536}}"#,
+                        json_str(&name, false)
+                    )];
+                    first.extend(
+                        history
+                            .iter()
+                            .map(|(o, t)| message_envelope(*o, t, opts.odd_json)),
+                    );
+                    first.push(format!(r#"{{"type":"presence","online":{online}}}"#));
+                    first.push(r#"{"type":"typing","who":{"name":"x","offset":"7"}}"#.into());
+                    for m in first {
+                        if sink.send(Message::text(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let mut index = 0u64;
+                let mut held: Option<Message> = None;
+                loop {
+                    tokio::select! {
+                        m = stream.next() => match m {
+                            Some(Ok(Message::Text(t))) => {
+                                let mut st = room.state.lock().unwrap();
+                                st.latest += 1;
+                                let o = st.latest;
+                                st.history.push((o, t.to_string()));
+                                let _ = room.tx.send((o, t.to_string()));
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => break,
+                        },
+                        r = rx.recv() => match r {
+                            Ok((offset, text)) => {
+                                index += 1;
+                                if opts.drop_every > 0 && index.is_multiple_of(opts.drop_every) {
+                                    continue;
+                                }
+                                let m = Message::text(if v1 {
+                                    message_envelope(offset, &text, opts.odd_json)
+                                } else {
+                                    text
+                                });
+                                if opts.swap_every > 0 && index.is_multiple_of(opts.swap_every) {
+                                    held = Some(m);
+                                    continue;
+                                }
+                                let times = if opts.dup_every > 0 && index.is_multiple_of(opts.dup_every) { 2 } else { 1 };
+                                for _ in 0..times {
+                                    if sink.send(m.clone()).await.is_err() { return; }
+                                }
+                                if let Some(h) = held.take() {
+                                    if sink.send(h).await.is_err() { return; }
+                                }
+                            }
+                            Err(e) => panic!("rooms server: {e}"),
+                        },
+                    }
+                }
+                room.state.lock().unwrap().online -= 1;
+            });
+        }
+    });
+    RoomsServer { addr, joins }
+}
+
+fn v1_common(addr: SocketAddr, rooms: Option<usize>) -> Common {
+    let mut c = common(addr);
+    c.protocol = Protocol::HubbubV1;
+    c.rooms = rooms;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_over_rooms_counts_per_room_and_skips_hello_history_presence() {
+    for odd_json in [false, true] {
+        let srv = start_rooms_server(RoomsOpts {
+            history: 4,
+            odd_json,
+            ..RoomsOpts::default()
+        })
+        .await;
+        // 7 clients over 3 rooms: room 0 has clients 0, 3, 6 and sender 0;
+        // room 1 has 1, 4 and sender 1; room 2 has 2, 5 and no sender.
+        let cfg = fanout_cfg(7, 2, 15);
+        let r = run::fanout(&v1_common(srv.addr, Some(3)), &cfg)
+            .await
+            .unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.protocol.as_deref(), Some("hubbub.v1"));
+        assert_eq!((r.rooms, r.room_paths), (Some(3), true));
+        assert_eq!(r.sent, Some(30));
+        assert_eq!(r.readers, Some(7));
+        assert_eq!(r.expected, Some(15 * 3 + 15 * 2));
+        assert_eq!(r.received, Some(75));
+        assert_eq!(r.delivery_ratio, Some(1.0));
+        assert_eq!(r.lost, Some(0));
+        assert_eq!(r.reordered, Some(0));
+        assert_eq!(r.duplicates, Some(0));
+        assert_eq!(r.misrouted, Some(0));
+        // hello, presence and the unknown envelope are skipped; each
+        // client's 4 history messages are replayed and skipped.
+        assert_eq!(r.foreign, Some(0), "odd_json {odd_json}");
+        assert_eq!(r.replayed, Some(7 * 4));
+        assert_eq!(r.latency.unwrap().count, 75);
+        let mut joins = srv.joins.lock().unwrap().clone();
+        joins.sort();
+        let want: Vec<(String, bool)> = [0, 0, 0, 1, 1, 2, 2]
+            .iter()
+            .map(|k| (format!("/rooms/bench-{k}"), true))
+            .collect();
+        assert_eq!(joins, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_counts_exactly_what_the_server_drops() {
+    // No --rooms: everyone in the URL's room (the lobby).
+    let srv = start_rooms_server(RoomsOpts {
+        drop_every: 5,
+        ..RoomsOpts::default()
+    })
+    .await;
+    let cfg = FanoutCfg {
+        drain: Duration::from_millis(500),
+        ..fanout_cfg(4, 2, 21)
+    };
+    let r = run::fanout(&v1_common(srv.addr, None), &cfg).await.unwrap();
+    // Each connection is offered the room's 42 messages and drops numbers
+    // 5, 10, ..., 40: 8 offsets missing between ones that arrived.
+    assert_eq!(r.sent, Some(42));
+    assert_eq!((r.rooms, r.room_paths), (Some(1), false));
+    assert_eq!(r.received, Some(4 * 34));
+    assert_eq!(r.lost, Some(4 * 8));
+    assert_eq!(r.lost_gaps, Some(4 * 8));
+    assert_eq!(r.lost_tail, Some(0));
+    assert_eq!(r.reordered, Some(0));
+    assert_eq!(r.duplicates, Some(0));
+    assert_eq!(r.foreign, Some(0));
+    assert!(srv
+        .joins
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(p, v1)| p == "/" && *v1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_counts_duplicates_and_reordering_on_offsets() {
+    let srv = start_rooms_server(RoomsOpts {
+        dup_every: 4,
+        ..RoomsOpts::default()
+    })
+    .await;
+    let r = run::fanout(&v1_common(srv.addr, Some(2)), &fanout_cfg(4, 2, 21))
+        .await
+        .unwrap();
+    // Two rooms of 2 readers, 21 messages each; numbers 4, 8, ..., 20 twice.
+    assert_eq!(r.expected, Some(2 * 21 * 2));
+    assert_eq!(r.received, Some(84));
+    assert_eq!(r.duplicates, Some(4 * 5));
+    assert_eq!((r.lost, r.reordered), (Some(0), Some(0)));
+    assert_eq!(r.latency.unwrap().count, 84, "duplicates are not sampled");
+
+    let srv = start_rooms_server(RoomsOpts {
+        swap_every: 4,
+        ..RoomsOpts::default()
+    })
+    .await;
+    let r = run::fanout(&v1_common(srv.addr, Some(2)), &fanout_cfg(4, 2, 21))
+        .await
+        .unwrap();
+    // Numbers 4, 8, ..., 20 arrive after the next one.
+    assert_eq!(r.received, Some(84));
+    assert_eq!(r.reordered, Some(4 * 5));
+    assert_eq!((r.lost, r.duplicates), (Some(0), Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_clients_in_rooms() {
+    let srv = start_rooms_server(RoomsOpts {
+        history: 3, // not sent to raw clients
+        ..RoomsOpts::default()
+    })
+    .await;
+    let mut c = common(srv.addr);
+    c.rooms = Some(3);
+    let r = run::fanout(&c, &fanout_cfg(9, 3, 10)).await.unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.protocol.as_deref(), Some("raw"));
+    assert_eq!(r.expected, Some(3 * 10 * 3));
+    assert_eq!(r.received, Some(90));
+    assert_eq!(
+        (r.lost, r.misrouted, r.foreign),
+        (Some(0), Some(0), Some(0))
+    );
+    assert_eq!(r.replayed, Some(0));
+    let joins = srv.joins.lock().unwrap().clone();
+    assert_eq!(joins.len(), 9);
+    assert!(joins
+        .iter()
+        .all(|(p, v1)| p.starts_with("/rooms/bench-") && !v1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_against_a_server_without_rooms_are_misrouted() {
+    // The broadcast server ignores the path: everyone gets everything.
+    let srv = start_server(ServerOpts::default()).await;
+    let mut c = common(srv.addr);
+    c.rooms = Some(2);
+    let r = run::fanout(&c, &fanout_cfg(4, 2, 10)).await.unwrap();
+    // Rooms 0 and 1 have 2 readers and 1 sender each.
+    assert_eq!(r.expected, Some(2 * 10 * 2));
+    assert_eq!(r.received, Some(40));
+    assert_eq!(r.lost, Some(0));
+    assert_eq!(
+        r.misrouted,
+        Some(40),
+        "the other room's 10, at each of 4 readers"
+    );
+    assert_eq!(r.foreign, Some(4)); // the greetings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_fails_clearly_when_the_server_does_not_speak_it() {
+    let srv = start_server(ServerOpts::default()).await;
+    let err = run::fanout(&v1_common(srv.addr, None), &fanout_cfg(2, 1, 1))
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("did not accept subprotocol hubbub.v1"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturate_v1_over_rooms() {
+    let srv = start_rooms_server(RoomsOpts {
+        history: 2,
+        ..RoomsOpts::default()
+    })
+    .await;
+    let cfg = SaturateCfg {
+        clients: 6,
+        senders: 3,
+        size: 64,
+        window: 4,
+        max_lag: 6,
+        warmup: Duration::from_millis(100),
+        duration: Duration::from_millis(500),
+        drain: Duration::from_secs(5),
+    };
+    let r = run::saturate(&v1_common(srv.addr, Some(3)), &cfg)
+        .await
+        .unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let sent = r.sent.unwrap();
+    assert!(sent > 0);
+    // Three rooms of two readers: every message reaches 2.
+    assert_eq!(r.expected, Some(sent * 2));
+    assert_eq!(r.received, Some(sent * 2));
+    assert_eq!(
+        (r.lost, r.duplicates, r.reordered),
+        (Some(0), Some(0), Some(0))
+    );
+    assert_eq!(
+        (r.foreign, r.misrouted, r.replayed),
+        (Some(0), Some(0), Some(6 * 2))
+    );
+    assert!(r.deliveries_per_sec.unwrap() > 0.0);
+    assert!(r.mb_in_per_sec.unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_v1_reads_hello_and_history() {
+    let srv = start_rooms_server(RoomsOpts {
+        history: 2,
+        ..RoomsOpts::default()
+    })
+    .await;
+    let r = run::idle(
+        &v1_common(srv.addr, Some(2)),
+        &IdleCfg {
+            clients: 6,
+            hold: Duration::from_millis(300),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((r.connected, r.still_open), (6, Some(6)));
+    assert_eq!(r.foreign, Some(0));
+    assert_eq!(r.replayed, Some(6 * 2), "history on join, skipped");
+    assert_eq!(r.protocol.as_deref(), Some("hubbub.v1"));
+    assert_eq!(srv.joins.lock().unwrap().len(), 6);
 }
