@@ -52,6 +52,7 @@ pub struct Metrics {
     deliveries: AtomicU64,
     bytes_sent: AtomicU64,
     slow_consumer_disconnects: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 impl Metrics {
@@ -80,6 +81,10 @@ impl Metrics {
 
     pub fn slow_consumer_disconnect(&self) {
         self.slow_consumer_disconnects.fetch_add(1, Relaxed);
+    }
+
+    pub fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Relaxed);
     }
 
     pub fn set_rooms(&self, rooms: usize) {
@@ -134,6 +139,12 @@ impl Metrics {
             "counter",
             "Peers closed with 1008 because their send queue was full.",
             self.slow_consumer_disconnects.load(Relaxed),
+        );
+        metric(
+            "hubbub_rate_limited_total",
+            "counter",
+            "Messages not relayed because their sender was over its rate limit.",
+            self.rate_limited.load(Relaxed),
         );
         let _ = writeln!(
             out,

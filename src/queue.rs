@@ -187,6 +187,16 @@ impl Receiver {
         Poll::Pending
     }
 
+    /// Queues a frame of the session's own for its peer (a notice about
+    /// something the peer sent), behind what the room queued. Not bounded
+    /// by the capacity: the session bounds how many it queues.
+    pub fn push_own(&self, message: Outgoing) {
+        let mut inner = self.shared.lock();
+        if inner.state == State::Open {
+            inner.items.push_back(message);
+        }
+    }
+
     /// A message that is already queued, if any (never one after a kick).
     pub fn try_recv(&self) -> Option<Outgoing> {
         let mut inner = self.shared.lock();

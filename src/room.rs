@@ -87,6 +87,8 @@ pub struct Membership {
     pub outbound: queue::Receiver,
     /// The room, to send it this peer's messages.
     pub room: RoomHandle,
+    /// What the peer's frames look like on the way out.
+    pub mode: Mode,
     id: PeerId,
 }
 
@@ -164,6 +166,7 @@ impl RoomHandle {
         Ok(Membership {
             outbound,
             room: self.clone(),
+            mode,
             id,
         })
     }

@@ -17,11 +17,15 @@
 //! last heard from its peer.
 
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use governor::clock::MonotonicClock;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -33,6 +37,7 @@ use tracing::{debug, info};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::protocol::{self, Mode};
 use crate::queue::{self, Recv, Signal};
 use crate::room::{Handoff, Kick, Membership, Outgoing, PeerId, RoomClosed, RoomHandle};
 use crate::socket::Socket;
@@ -80,6 +85,7 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>, membership: Membership) {
         ws,
         outbound: &joined.membership.outbound,
         room: &joined.membership.room,
+        mode: joined.membership.mode,
         ctx: &ctx,
         last_heard: Instant::now(),
         stopping: false,
@@ -90,6 +96,7 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>, membership: Membership) {
         handoff: None,
         broke: None,
         flush_owed: false,
+        limit: None,
     }
     .await;
     // Leave before the closing handshake: the peer gets nothing more.
@@ -152,6 +159,7 @@ struct Serve<'a, 'c> {
     ws: &'a mut Ws,
     outbound: &'a queue::Receiver,
     room: &'a RoomHandle,
+    mode: Mode,
     ctx: &'a SessionContext<'c>,
     /// Any frame from the peer, pongs included, moves this on; the room's
     /// heartbeat compares it with `idle_timeout`.
@@ -179,6 +187,30 @@ struct Serve<'a, 'c> {
     /// The room has yet to be asked to let this peer go (see
     /// [`crate::room::RoomHandle::flush`]).
     flush_owed: bool,
+    /// The peer's message rate limit, made when it first sends (an idle
+    /// peer carries none).
+    limit: Option<Box<Limit>>,
+}
+
+/// A peer's message rate: a token bucket (GCRA) of `rate_limit_per_sec`
+/// with `rate_limit_burst` at once, and how many messages it had refused
+/// lately.
+struct Limit {
+    bucket: RateLimiter<NotKeyed, InMemoryState, MonotonicClock>,
+    refused: u32,
+    /// When the current 10-second count of refusals began.
+    since: Instant,
+}
+
+/// Refusals are counted over this long; more than `rate_limit_burst` of
+/// them in one stretch closes the peer.
+const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
+
+/// What the rate limit says about one message.
+enum Verdict {
+    Relay,
+    Refuse,
+    Close,
 }
 
 /// What the session is writing.
@@ -219,6 +251,24 @@ impl<'a, 'c> Serve<'a, 'c> {
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Poll::Ready(None),
             Message::Close(_) => return Poll::Ready(Some(End::Gone)),
         }
+        match self.rate() {
+            Verdict::Relay => {}
+            Verdict::Refuse => {
+                if self.mode == Mode::V1 {
+                    self.outbound.push_own(protocol::error(
+                        "rate_limited",
+                        "too many messages: this one was not relayed; slow down",
+                    ));
+                }
+                return Poll::Ready(None);
+            }
+            Verdict::Close => {
+                return Poll::Ready(Some(End::Broke(frame_of(
+                    CloseCode::Policy,
+                    "rate limit exceeded",
+                ))))
+            }
+        }
         self.ctx.metrics.message_received();
         let room: &'a RoomHandle = self.room;
         match room.broadcast(message) {
@@ -227,6 +277,37 @@ impl<'a, 'c> Serve<'a, 'c> {
             Err(RoomClosed) => self.stopping = true,
         }
         Poll::Ready(None)
+    }
+
+    /// Applies the rate limit to one received message.
+    fn rate(&mut self) -> Verdict {
+        let config = self.ctx.config;
+        let Some(per_sec) = NonZeroU32::new(config.rate_limit_per_sec) else {
+            return Verdict::Relay;
+        };
+        let limit = self.limit.get_or_insert_with(|| {
+            let burst = NonZeroU32::new(config.rate_limit_burst).unwrap_or(NonZeroU32::MIN);
+            let quota = Quota::per_second(per_sec).allow_burst(burst);
+            Box::new(Limit {
+                bucket: RateLimiter::direct_with_clock(quota, MonotonicClock),
+                refused: 0,
+                since: Instant::now(),
+            })
+        });
+        if limit.bucket.check().is_ok() {
+            return Verdict::Relay;
+        }
+        self.ctx.metrics.rate_limited();
+        if limit.since.elapsed() >= REFUSALS_WINDOW {
+            limit.refused = 0;
+            limit.since = Instant::now();
+        }
+        limit.refused += 1;
+        if limit.refused > config.rate_limit_burst {
+            Verdict::Close
+        } else {
+            Verdict::Refuse
+        }
     }
 
     /// Notes whether the socket took what was offered: a write that stays

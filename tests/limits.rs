@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite::Message;
 async fn a_client_that_never_reads_is_closed_with_1008_and_others_get_everything() {
     let server = TestServer::start(Config {
         send_queue: 64,
+        // 2,000 messages as fast as the server takes them.
+        rate_limit_per_sec: 0,
         ..Config::ephemeral()
     })
     .await;
@@ -388,4 +390,94 @@ async fn allowed_origins_list_and_wildcard() {
     connect(open.ws, Some("http://anything.example"))
         .await
         .expect("* admits any origin");
+}
+
+/// Over its rate a sender's messages are not relayed: a v1 sender gets a
+/// `rate_limited` error for each, the room sees only what was allowed, and a
+/// sender that keeps going is closed with 1008.
+#[tokio::test]
+async fn a_sender_over_its_rate_is_refused_then_closed() {
+    let server = TestServer::start(Config {
+        rate_limit_per_sec: 1,
+        rate_limit_burst: 5,
+        ..Config::ephemeral()
+    })
+    .await;
+    let mut watcher = connect_to(server.ws, "/rooms/rate", false)
+        .await
+        .expect("watcher");
+    let mut sender = connect_to(server.ws, "/rooms/rate", true)
+        .await
+        .expect("sender");
+    assert_eq!(next_envelope(&mut sender, false).await["type"], "hello");
+    for i in 0..8 {
+        send_text(&mut sender, &format!("m{i}")).await;
+    }
+    // The burst of 5 goes through, then 3 refusals.
+    for i in 0..5 {
+        assert_eq!(next_text(&mut watcher).await, format!("m{i}"));
+    }
+    let (mut relayed, mut refused) = (0, 0);
+    while relayed + refused < 8 {
+        let e = next_envelope(&mut sender, false).await;
+        match e["type"].as_str() {
+            Some("message") => relayed += 1,
+            Some("error") => {
+                assert_eq!(e["code"], "rate_limited", "{e}");
+                refused += 1;
+            }
+            _ => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!((relayed, refused), (5, 3));
+    assert_eq!(server.metric("hubbub_rate_limited_total").await, 3);
+    // Keeping on: more than 5 refusals within 10 s closes it.
+    for i in 8..12 {
+        send_text(&mut sender, &format!("m{i}")).await;
+    }
+    let (frame, _) = expect_close(&mut sender).await;
+    assert_eq!(frame.code, CloseCode::Policy);
+    assert_eq!(frame.reason.as_str(), "rate limit exceeded");
+    // The watcher saw nothing over the limit and is still connected.
+    send_text(&mut watcher, "still here").await;
+    assert_eq!(next_text(&mut watcher).await, "still here");
+}
+
+/// With the default limits, one client sending as fast as it can cannot
+/// empty a room: it is refused and closed, and readers keep everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooder_is_closed_and_readers_stay() {
+    let server = TestServer::default().await;
+    let mut readers = Vec::new();
+    for _ in 0..20 {
+        readers.push(server.connect().await);
+    }
+    let mut flooder = server.connect().await;
+    server.wait_metric("hubbub_connections", 21).await;
+    let body = "f".repeat(1024);
+    let flood = tokio::spawn(async move {
+        for _ in 0..20_000 {
+            if flooder.send(Message::text(body.clone())).await.is_err() {
+                break;
+            }
+        }
+        flooder
+    });
+    let mut flooder = flood.await.expect("flooder");
+    let (frame, relayed) = expect_close(&mut flooder).await;
+    assert_eq!(frame.code, CloseCode::Policy, "{frame:?}");
+    assert!(relayed <= 100, "{relayed} flood messages relayed");
+    // Every reader got the relayed part of the flood and is still here.
+    for reader in readers.iter_mut() {
+        for _ in 0..relayed {
+            next_text(reader).await;
+        }
+    }
+    server.wait_metric("hubbub_connections", 20).await;
+    assert_eq!(
+        server
+            .metric("hubbub_slow_consumer_disconnects_total")
+            .await,
+        0
+    );
 }

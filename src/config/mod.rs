@@ -222,6 +222,10 @@ keys! {
         "Close a peer from which nothing (not even a pong) arrived for this long, checked at each ping";
     shutdown_grace: Duration [Text, String] = "5s", "DURATION", Span { min: MIN_DURATION, max: Duration::from_secs(3600) },
         "On shutdown, how long to wait for peers to finish the closing handshake";
+    rate_limit_per_sec: u32 [Int, String] = "50", "N", Count { min: 0, max: 1_000_000 }.map(|n| n as u32),
+        "Messages per second each connection may send on average; more are not relayed (0 turns the limit off)";
+    rate_limit_burst: u32 [Int, String] = "100", "N", Count { min: 1, max: 1_000_000 }.map(|n| n as u32),
+        "Messages a connection may send at once above its rate; more refused than this within 10 s closes it with 1008";
     max_rooms: usize [Int, String] = "10000", "N", Count { min: 1, max: 1_000_000 },
         "Most rooms at once; a join that would create one more is refused with HTTP 503";
     history_size: usize [Int, String] = "100", "N", Count { min: 0, max: 100_000 },

@@ -68,6 +68,30 @@ impl Count {
     }
 }
 
+impl Count {
+    /// The same range, with the value converted (it always fits: the range
+    /// says so).
+    pub fn map<T>(self, f: fn(usize) -> T) -> Mapped<T> {
+        Mapped { count: self, f }
+    }
+}
+
+/// A [`Count`] whose value is converted, for keys narrower than `usize`.
+pub struct Mapped<T> {
+    count: Count,
+    f: fn(usize) -> T,
+}
+
+impl<T> Parse for Mapped<T> {
+    type Out = T;
+    fn parse(&self, raw: &Raw) -> Result<T, String> {
+        self.count.parse(raw).map(self.f)
+    }
+    fn range(&self) -> Option<String> {
+        self.count.range()
+    }
+}
+
 /// A duration with a unit, from `min` to `max`.
 pub struct Span {
     pub min: Duration,
