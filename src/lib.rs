@@ -23,6 +23,7 @@
 //! - [`socket`]: a peer's TCP socket with large reads and no idle buffer.
 //! - [`page`]: the chat page and its Content-Security-Policy.
 //! - [`metrics`]: the counters behind `/metrics`.
+//! - [`memory`]: giving memory freed by ended rooms back to the system.
 //! - [`shutdown`]: turning SIGINT/SIGTERM into the shutdown future.
 //! - [`healthcheck`]: the `hubbub healthcheck` client used by containers.
 
@@ -32,6 +33,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod listener;
 pub mod log;
+pub mod memory;
 pub mod metrics;
 pub mod origin;
 pub mod page;

@@ -290,7 +290,9 @@ impl<L: RoomLog> Room<L> {
             mut messages,
             mut members,
         } = inbox;
-        let mut batch = Vec::with_capacity(BATCH);
+        // Grows to what the room's traffic needs: a quiet room, which may
+        // be most of them, keeps no room for 64 messages.
+        let mut batch = Vec::new();
         let stop = shutdown.cancelled();
         tokio::pin!(stop);
         let ping_interval = self.settings.ping_interval;

@@ -129,8 +129,15 @@ impl Retire for Rooms {
             return Some(member);
         }
         rooms.remove(name);
+        // After a burst of rooms the map would keep room for all of them.
+        if rooms.capacity() > 64 && rooms.len() < rooms.capacity() / 4 {
+            let keep = rooms.len() * 2;
+            rooms.shrink_to(keep);
+        }
         self.metrics.set_rooms(rooms.len());
+        drop(rooms);
         debug!(room = %name, "room ended: no peers, no history");
+        crate::memory::release_freed();
         None
     }
 }

@@ -7,6 +7,7 @@
 //! separate modules with their own tests.
 
 pub mod account;
+pub mod churn;
 pub mod compare;
 pub mod conn;
 pub mod envelope;

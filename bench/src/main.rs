@@ -10,7 +10,7 @@ use hubbub_bench::conn::Protocol;
 use hubbub_bench::floor::{self, FloorCfg};
 use hubbub_bench::report::Report;
 use hubbub_bench::run::{self, Common, FanoutCfg, IdleCfg, SaturateCfg};
-use hubbub_bench::{compare, sys};
+use hubbub_bench::{churn, compare, sys};
 
 /// Load generator for broadcast WebSocket servers (hubbub or any server that
 /// relays every message to every connected client, sender included).
@@ -38,8 +38,32 @@ enum Mode {
     /// loopback sockets R times a second, one thread reads them all. Its
     /// latency is the least any server could show on this machine.
     Floor(FloorArgs),
+    /// Creates N rooms (one connection each: send a message, read it back,
+    /// close) and leaves them to expire; reports the server's RSS before, at
+    /// the peak and after. Run the server with a short --history-ttl.
+    Rooms(RoomsArgs),
     /// Prints a side-by-side table from JSON lines written with --json-out.
     Compare(CompareArgs),
+}
+
+#[derive(Args, Debug)]
+struct RoomsArgs {
+    /// WebSocket base URL of the server.
+    #[arg(long, default_value = "ws://127.0.0.1:8081/")]
+    url: String,
+    /// Server process id, for its RSS.
+    #[arg(long)]
+    server_pid: u32,
+    /// Rooms to create.
+    #[arg(short = 'n', long, default_value_t = 10_000)]
+    rooms: usize,
+    /// Rooms being created at once.
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// Seconds to wait for the rooms to expire (longer than the server's
+    /// history_ttl).
+    #[arg(long, default_value_t = 15.0)]
+    settle: f64,
 }
 
 /// Where a run's result goes, and the scenario `compare` files it under.
@@ -343,6 +367,31 @@ fn main() -> anyhow::Result<()> {
             };
             let report = runtime(common.threads)?.block_on(run::idle(&common, &cfg))?;
             emit(&report, &a.common.out)
+        }
+        Mode::Rooms(a) => {
+            sys::raise_nofile_limit().context("raising the open-files limit")?;
+            let cfg = churn::ChurnCfg {
+                url: a.url,
+                rooms: a.rooms,
+                concurrency: a.concurrency,
+                settle: secs(a.settle, "--settle")?,
+                server_pid: a.server_pid,
+            };
+            let r = runtime(2)?.block_on(churn::run(&cfg))?;
+            println!("== hubbub-bench rooms");
+            println!(
+                "  rooms created                {} in {:.1} s",
+                a.rooms,
+                r.created_in.as_secs_f64()
+            );
+            println!("  server RSS before            {} KiB", r.before);
+            println!("  server RSS peak              {} KiB", r.peak);
+            println!(
+                "  server RSS after expiry      {} KiB ({:+.1}% of before)",
+                r.after,
+                r.after_vs_before()
+            );
+            Ok(())
         }
         Mode::Floor(a) => {
             sys::raise_nofile_limit().context("raising the open-files limit")?;
