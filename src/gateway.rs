@@ -158,6 +158,7 @@ impl Gateway {
             id,
             _permit: permit,
         };
+        let mut joined = Some(membership);
         async move {
             let gateway = &registered.gateway;
             let ctx = SessionContext {
@@ -166,7 +167,7 @@ impl Gateway {
                 metrics: &gateway.metrics,
                 shutdown: &gateway.shutdown,
             };
-            session::run(&mut ws, ctx, membership).await;
+            session::run(&mut ws, ctx, &mut joined).await;
         }
     }
 

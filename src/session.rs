@@ -38,7 +38,7 @@ use tracing::{debug, info};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Mode};
-use crate::queue::{self, Recv, Signal};
+use crate::queue::{Recv, Signal};
 use crate::room::{Handoff, Kick, Membership, Outgoing, PeerId, RoomClosed, RoomHandle};
 use crate::socket::Socket;
 
@@ -74,18 +74,21 @@ enum End {
 /// Runs the session until the peer is gone, as a member of the room the
 /// gateway joined it to. Never returns an error: every way a peer can end is
 /// an ordinary outcome, logged here.
-pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>, membership: Membership) {
-    ctx.metrics.peer_opened();
-    info!("peer connected");
-    let joined = Joined {
-        membership,
-        metrics: ctx.metrics,
+///
+/// The membership is taken from `joined` (and dropped, which leaves the
+/// room) before the closing handshake, so the peer gets nothing more. It is
+/// lent rather than moved in: the caller's task holds it either way, and
+/// every idle peer would pay for a second copy in this future.
+pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>, joined: &mut Option<Membership>) {
+    let Some(membership) = joined.as_ref() else {
+        return;
     };
+    ctx.metrics.peer_opened();
+    let counted = Counted(ctx.metrics);
+    info!("peer connected");
     let end = Serve {
         ws,
-        outbound: &joined.membership.outbound,
-        room: &joined.membership.room,
-        mode: joined.membership.mode,
+        membership,
         ctx: &ctx,
         last_heard: Instant::now(),
         stopping: false,
@@ -100,23 +103,21 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>, membership: Membership) {
     }
     .await;
     // Leave before the closing handshake: the peer gets nothing more.
-    drop(joined);
+    *joined = None;
+    drop(counted);
     // Boxed: a task is as large as its largest state, and only the loop,
     // where an idle peer spends its life, should set that size.
     Box::pin(finish(ws, end, &ctx)).await;
 }
 
-/// A peer counted as connected and registered with its room. Dropping it
-/// undoes both, so the gauge and the registry stay right however the
-/// session ends, a panic or an abort included.
-struct Joined<'a> {
-    membership: Membership,
-    metrics: &'a Metrics,
-}
+/// A peer counted in the connections gauge. Dropping it takes it out again,
+/// however the session ends, a panic or an abort included (the membership,
+/// dropped with the caller's task, leaves the room the same way).
+struct Counted<'a>(&'a Metrics);
 
-impl Drop for Joined<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.metrics.peer_closed();
+        self.0.peer_closed();
     }
 }
 
@@ -157,9 +158,8 @@ async fn finish(ws: &mut Ws, end: End, ctx: &SessionContext<'_>) {
 /// waits for the room: until it is taken, nothing more is read from the peer.
 struct Serve<'a, 'c> {
     ws: &'a mut Ws,
-    outbound: &'a queue::Receiver,
-    room: &'a RoomHandle,
-    mode: Mode,
+    /// Its queue, its room and its protocol.
+    membership: &'a Membership,
     ctx: &'a SessionContext<'c>,
     /// Any frame from the peer, pongs included, moves this on; the room's
     /// heartbeat compares it with `idle_timeout`.
@@ -254,8 +254,8 @@ impl<'a, 'c> Serve<'a, 'c> {
         match self.rate() {
             Verdict::Relay => {}
             Verdict::Refuse => {
-                if self.mode == Mode::V1 {
-                    self.outbound.push_own(protocol::error(
+                if self.membership.mode == Mode::V1 {
+                    self.membership.outbound.push_own(protocol::error(
                         "rate_limited",
                         "too many messages: this one was not relayed; slow down",
                     ));
@@ -270,7 +270,7 @@ impl<'a, 'c> Serve<'a, 'c> {
             }
         }
         self.ctx.metrics.message_received();
-        let room: &'a RoomHandle = self.room;
+        let room: &'a RoomHandle = &self.membership.room;
         match room.broadcast(message) {
             Ok(handoff) => self.handoff = handoff,
             // The room stopped taking messages: shutdown has begun.
@@ -327,7 +327,7 @@ impl<'a, 'c> Serve<'a, 'c> {
         // A message is taken off the queue only once the socket can take it.
         while let Some(message) = next.take().or_else(|| {
             (*count < MAX_BATCH as u64)
-                .then(|| self.outbound.try_recv())
+                .then(|| self.membership.outbound.try_recv())
                 .flatten()
         }) {
             match Pin::new(&mut *self.ws).poll_ready(cx) {
@@ -416,7 +416,7 @@ impl<'a> Future for Serve<'a, '_> {
                 // After its last message: the room lets go of this peer once
                 // that message has gone out to everyone, itself included.
                 this.flush_owed = false;
-                let room: &'a RoomHandle = this.room;
+                let room: &'a RoomHandle = &this.membership.room;
                 match room.flush(this.ctx.id) {
                     Ok(handoff) => this.handoff = handoff,
                     Err(RoomClosed) => this.stopping = true,
@@ -425,7 +425,7 @@ impl<'a> Future for Serve<'a, '_> {
             if matches!(this.step, Step::Idle) {
                 // The queue first: delivering to this peer frees room
                 // capacity; reading from it adds work.
-                match this.outbound.poll_recv(cx) {
+                match this.membership.outbound.poll_recv(cx) {
                     // After any event, the queue is polled again before the
                     // task sleeps: only a pending poll leaves a waker there.
                     Poll::Ready(Recv::Message(m)) => {
@@ -459,7 +459,7 @@ impl<'a> Future for Serve<'a, '_> {
             } else {
                 // A write can stall on a peer that stopped reading; the
                 // room's kick and heartbeat must still get through.
-                match this.outbound.poll_signal(cx) {
+                match this.membership.outbound.poll_signal(cx) {
                     Poll::Ready(Signal::Kicked(kick)) => {
                         return Poll::Ready(End::Close(kick_frame(kick)))
                     }
@@ -625,7 +625,7 @@ mod tests {
     /// A session joined to the test's room, run as its own task.
     async fn peer(world: &Arc<World>, id: PeerId) -> (Client, tokio::task::JoinHandle<()>) {
         let (mut ws, client) = pair().await;
-        let membership = world.room.join(id, Mode::Raw, None).expect("join");
+        let mut joined = Some(world.room.join(id, Mode::Raw, None).expect("join"));
         let world = world.clone();
         let task = tokio::spawn(async move {
             let ctx = SessionContext {
@@ -634,12 +634,12 @@ mod tests {
                 metrics: &world.metrics,
                 shutdown: &world.shutdown,
             };
-            run(&mut ws, ctx, membership).await;
+            run(&mut ws, ctx, &mut joined).await;
         });
         (client, task)
     }
 
-    async fn joined(inbox: &mut Inbox) -> (PeerId, queue::Sender) {
+    async fn join_of(inbox: &mut Inbox) -> (PeerId, crate::queue::Sender) {
         match inbox.members.recv().await {
             Some(Member::Join { id, outbound, .. }) => (id, outbound),
             _ => panic!("expected a join"),
@@ -669,7 +669,7 @@ mod tests {
         let (mut reader, _r) = peer(&world, 2).await;
         let mut queues = Vec::new();
         for _ in 0..2 {
-            queues.push(joined(&mut inbox).await.1);
+            queues.push(join_of(&mut inbox).await.1);
         }
         // The room's inbound channel is full from here on.
         assert!(matches!(
@@ -716,7 +716,7 @@ mod tests {
     async fn a_session_that_panics_still_leaves_the_room() {
         let (world, mut inbox) = world(8, 8);
         let (mut ws, client) = pair().await;
-        let membership = world.room.join(7, Mode::Raw, None).expect("join");
+        let mut joined = Some(world.room.join(7, Mode::Raw, None).expect("join"));
         let inner = world.clone();
         let task = tokio::spawn(async move {
             let ctx = SessionContext {
@@ -725,14 +725,14 @@ mod tests {
                 metrics: &inner.metrics,
                 shutdown: &inner.shutdown,
             };
-            let session = run(&mut ws, ctx, membership);
+            let session = run(&mut ws, ctx, &mut joined);
             tokio::pin!(session);
             // Run the session a while, then panic in the middle of it.
             let _ = tokio::time::timeout(Duration::from_millis(200), &mut session).await;
             assert_eq!(inner.metrics.open_connections(), 1);
             panic!("a bug in a session");
         });
-        assert_eq!(joined(&mut inbox).await.0, 7);
+        assert_eq!(join_of(&mut inbox).await.0, 7);
         assert!(task.await.is_err_and(|e| e.is_panic()));
         assert!(matches!(
             inbox.members.recv().await,
