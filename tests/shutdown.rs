@@ -95,6 +95,8 @@ async fn a_peer_stuck_on_a_full_socket_is_dropped_when_the_grace_runs_out() {
         shutdown_grace: Duration::from_millis(500),
         // Large enough that the stuck peer is never kicked as a slow consumer.
         send_queue: 100_000,
+        // 300 messages as fast as the server takes them.
+        rate_limit_per_sec: 0,
         ..Config::ephemeral()
     })
     .await;
