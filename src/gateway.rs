@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::clients::{PerAddress, Share};
 use crate::config::Config;
 use crate::listener::Acceptor;
 use crate::metrics::{ConnResult, Metrics};
@@ -48,6 +49,8 @@ pub struct Gateway {
     pub config: Arc<Config>,
     pub origin: OriginCheck,
     pub rooms: Arc<Rooms>,
+    /// Connections per client address (`max_connections_per_ip`).
+    pub per_address: Arc<PerAddress>,
     pub metrics: Arc<Metrics>,
     /// Starts the graceful path: stop accepting, stop reading, close with 1001.
     pub shutdown: CancellationToken,
@@ -75,24 +78,39 @@ impl Gateway {
             next_id += 1;
             let id = next_id;
             let span = info_span!("conn", id, peer = %peer);
+            // A trusted proxy's clients are counted once its request names
+            // them; anyone else is counted from the moment it connects.
+            let share = if self.config.trusted_proxies.contains(peer.ip()) {
+                None
+            } else {
+                match self.per_address.take(peer.ip()) {
+                    Some(share) => Some(share),
+                    None => {
+                        self.metrics.connection_result(ConnResult::AddressLimit);
+                        self.refuse_at_once(stream, &rejections, TOO_MANY_FROM_ADDRESS, span);
+                        continue;
+                    }
+                }
+            };
             match limit.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let gw = self.clone();
-                    self.tracker
-                        .spawn(gw.connection(stream, id, peer, permit).instrument(span));
+                    self.tracker.spawn(
+                        gw.connection(
+                            stream,
+                            id,
+                            peer,
+                            Held {
+                                _permit: permit,
+                                share,
+                            },
+                        )
+                        .instrument(span),
+                    );
                 }
                 Err(_) => {
                     self.metrics.connection_result(ConnResult::OverCapacity);
-                    if let Ok(permit) = rejections.clone().try_acquire_owned() {
-                        let gw = self.clone();
-                        self.tracker.spawn(
-                            async move {
-                                gw.reject_full(stream).await;
-                                drop(permit);
-                            }
-                            .instrument(span),
-                        );
-                    }
+                    self.refuse_at_once(stream, &rejections, FULL, span);
                 }
             }
         }
@@ -103,18 +121,18 @@ impl Gateway {
     /// of its own, so that nothing the handshake needed stays allocated for
     /// the life of the peer. The permit moves with it: it is held for the
     /// whole life of the connection, which is what `max_connections` counts.
-    async fn connection(
-        self: Arc<Self>,
-        stream: TcpStream,
-        id: u64,
-        peer: SocketAddr,
-        permit: OwnedSemaphorePermit,
-    ) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, id: u64, peer: SocketAddr, held: Held) {
         let ws = tokio::select! {
             _ = self.force.cancelled() => return,
             ws = self.handshake(stream, id, peer) => ws,
         };
-        let Some((ws, membership)) = ws else { return };
+        let Some((ws, membership, forwarded_share)) = ws else {
+            return;
+        };
+        let held = Held {
+            share: held.share.or(forwarded_share),
+            ..held
+        };
         self.metrics.connection_result(ConnResult::Accepted);
         let span = tracing::Span::current();
         // Registered under the lock before the task can run to its end and
@@ -122,7 +140,7 @@ impl Gateway {
         let mut sessions = self.sessions();
         let task = self.tracker.spawn(
             self.clone()
-                .session(ws, membership, id, permit)
+                .session(ws, membership, id, held)
                 .instrument(span),
         );
         sessions.insert(id, task.abort_handle());
@@ -151,12 +169,12 @@ impl Gateway {
         mut ws: WebSocketStream<Socket>,
         membership: Membership,
         id: u64,
-        permit: OwnedSemaphorePermit,
+        held: Held,
     ) -> impl std::future::Future<Output = ()> {
         let registered = Registered {
             gateway: self,
             id,
-            _permit: permit,
+            _held: held,
         };
         let mut joined = Some(membership);
         async move {
@@ -180,7 +198,7 @@ impl Gateway {
         stream: TcpStream,
         id: u64,
         peer: SocketAddr,
-    ) -> Option<(WebSocketStream<Socket>, Membership)> {
+    ) -> Option<(WebSocketStream<Socket>, Membership, Option<Share>)> {
         let (upgrade_tx, mut upgrade_rx) = mpsc::channel(1);
         let service = hyper::service::service_fn(|req: Request<Incoming>| {
             let response = self.answer_handshake(req, &upgrade_tx, id, peer);
@@ -213,7 +231,7 @@ impl Gateway {
             Ok(Ok(())) => {}
         }
         // No upgrade queued means the request was answered with an error.
-        let (on_upgrade, membership) = upgrade_rx.try_recv().ok()?;
+        let (on_upgrade, membership, share) = upgrade_rx.try_recv().ok()?;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -231,7 +249,7 @@ impl Gateway {
         let config = ws_config(&self.config);
         let socket = Socket::new(parts.io.into_inner(), &parts.read_buf);
         let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(config)).await;
-        Some((ws, membership))
+        Some((ws, membership, share))
     }
 
     /// Decides the response to a handshake request. On success the peer has
@@ -240,7 +258,7 @@ impl Gateway {
     fn answer_handshake(
         &self,
         mut req: Request<Incoming>,
-        upgrade_tx: &mpsc::Sender<(hyper::upgrade::OnUpgrade, Membership)>,
+        upgrade_tx: &mpsc::Sender<Upgrade>,
         id: u64,
         peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
@@ -358,6 +376,28 @@ impl Gateway {
             Mode::Raw
         };
         let accept = derive_accept_key(key.as_bytes());
+        // Through a trusted proxy: count the client its headers name.
+        let share = if self.config.trusted_proxies.contains(peer.ip()) {
+            let Some(client) = self.config.trusted_proxies.client(peer.ip(), headers) else {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "a request through a proxy must name its client in X-Forwarded-For or Forwarded\n",
+                );
+            };
+            match self.per_address.take(client) {
+                Some(share) => Some(share),
+                None => {
+                    self.metrics.connection_result(ConnResult::AddressLimit);
+                    warn!(%client, "refused: max_connections_per_ip reached");
+                    return text(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        TOO_MANY_FROM_ADDRESS.1.into(),
+                    );
+                }
+            }
+        } else {
+            None
+        };
         let membership = match self.rooms.join(&target.room, id, mode, target.resume) {
             Ok(membership) => membership,
             Err(JoinError::TooManyRooms) => {
@@ -380,7 +420,7 @@ impl Gateway {
             }
         };
         debug!(room = %target.room, ?mode, "joining");
-        let _ = upgrade_tx.try_send((hyper::upgrade::on(&mut req), membership));
+        let _ = upgrade_tx.try_send((hyper::upgrade::on(&mut req), membership, share));
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = r.headers_mut();
@@ -407,16 +447,35 @@ impl Gateway {
         )
     }
 
-    /// Answers a connection beyond `max_connections` with 503 at once.
-    async fn reject_full(&self, stream: TcpStream) {
-        warn!("refused: max_connections reached");
-        let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
-            let mut r = text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many connections; try again shortly\n".into(),
-            );
+    /// Answers a connection that may not go on with `refusal` at once,
+    /// in a small task of its own. Refusals are themselves bounded (see
+    /// [`MAX_PENDING_REJECTIONS`]); past that, the socket is just closed.
+    fn refuse_at_once(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        rejections: &Arc<Semaphore>,
+        refusal: Refusal,
+        span: tracing::Span,
+    ) {
+        let Ok(permit) = rejections.clone().try_acquire_owned() else {
+            return;
+        };
+        let gw = self.clone();
+        self.tracker.spawn(
+            async move {
+                gw.refuse(stream, refusal).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn refuse(&self, stream: TcpStream, (status, body, retry_after): Refusal) {
+        warn!(%status, "refused: {}", body.trim_end());
+        let service = hyper::service::service_fn(|_req: Request<Incoming>| async move {
+            let mut r = text(status, body.into());
             r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(retry_after));
             Ok::<_, std::convert::Infallible>(r)
         });
         let limit = self.config.handshake_timeout.min(Duration::from_secs(5));
@@ -429,13 +488,39 @@ impl Gateway {
     }
 }
 
+/// An immediate refusal: status, body, `Retry-After` seconds.
+type Refusal = (StatusCode, &'static str, &'static str);
+
+const FULL: Refusal = (
+    StatusCode::SERVICE_UNAVAILABLE,
+    "too many connections; try again shortly\n",
+    "1",
+);
+
+const TOO_MANY_FROM_ADDRESS: Refusal = (
+    StatusCode::TOO_MANY_REQUESTS,
+    "too many connections from your address; close some and try again\n",
+    "5",
+);
+
+/// What a connection holds while it lives: its place under
+/// `max_connections` and its address's share under `max_connections_per_ip`.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    share: Option<Share>,
+}
+
+/// What a successful handshake hands on: the pending upgrade, the peer's
+/// membership of its room, and (through a trusted proxy) its client's share.
+type Upgrade = (hyper::upgrade::OnUpgrade, Membership, Option<Share>);
+
 /// A running session's entry in the gateway: its abort handle and its
 /// `max_connections` permit. Dropped however the session ends, a panic or
 /// an abort included, so neither is ever left behind.
 struct Registered {
     gateway: Arc<Gateway>,
     id: u64,
-    _permit: OwnedSemaphorePermit,
+    _held: Held,
 }
 
 impl Drop for Registered {

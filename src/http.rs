@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, Instrument};
 
+use crate::clients::{PerAddress, TrustedProxies};
 use crate::listener::Acceptor;
 
 use crate::metrics::Metrics;
@@ -48,6 +49,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    per_address: Arc<PerAddress>,
+    trusted: TrustedProxies,
     shutdown: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
@@ -55,6 +58,17 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
     let mut acceptor = Acceptor::new(listener, shutdown.clone());
     while let Some((stream, peer)) = acceptor.next().await {
+        // Per address, as on the WebSocket listener (a trusted proxy's
+        // connections are not counted: the page and probes are cheap).
+        let share = if trusted.contains(peer.ip()) {
+            None
+        } else {
+            let Some(share) = per_address.take(peer.ip()) else {
+                debug!(%peer, "too many HTTP connections from one address, dropped");
+                continue;
+            };
+            Some(share)
+        };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             debug!(%peer, "too many HTTP connections, dropped");
             continue;
@@ -80,7 +94,7 @@ pub async fn serve(
             if let Err(e) = result {
                 debug!(error = %e, "HTTP connection ended with an error");
             }
-            drop(permit);
+            drop((permit, share));
         };
         tracker.spawn(connection.instrument(info_span!("http", peer = %peer)));
     }

@@ -12,6 +12,8 @@
 //! - [`listener`]: accepting TCP connections, with backoff on errors.
 //! - [`gateway`]: the WebSocket listener and the opening handshake.
 //! - [`origin`]: which browser origins may connect.
+//! - [`clients`]: who a connection comes from (trusted proxies) and how
+//!   many connections each address may hold.
 //! - [`protocol`]: the `hubbub.v1` protocol: what a WebSocket URL asks for
 //!   (room, resume point) and the JSON envelopes.
 //! - [`session`]: one connected peer, reading and writing.
@@ -27,6 +29,7 @@
 //! - [`shutdown`]: turning SIGINT/SIGTERM into the shutdown future.
 //! - [`healthcheck`]: the `hubbub healthcheck` client used by containers.
 
+pub mod clients;
 pub mod config;
 pub mod gateway;
 pub mod healthcheck;

@@ -19,16 +19,19 @@ pub enum ConnResult {
     HandshakeTimeout,
     /// The join would have created one room more than `max_rooms`.
     RoomLimit,
+    /// Its address already held `max_connections_per_ip`.
+    AddressLimit,
 }
 
 impl ConnResult {
-    const ALL: [ConnResult; 6] = [
+    const ALL: [ConnResult; 7] = [
         ConnResult::Accepted,
         ConnResult::OverCapacity,
         ConnResult::ForbiddenOrigin,
         ConnResult::BadRequest,
         ConnResult::HandshakeTimeout,
         ConnResult::RoomLimit,
+        ConnResult::AddressLimit,
     ];
 
     pub fn label(self) -> &'static str {
@@ -39,6 +42,7 @@ impl ConnResult {
             ConnResult::BadRequest => "bad_request",
             ConnResult::HandshakeTimeout => "handshake_timeout",
             ConnResult::RoomLimit => "room_limit",
+            ConnResult::AddressLimit => "address_limit",
         }
     }
 }
@@ -46,7 +50,7 @@ impl ConnResult {
 #[derive(Debug, Default)]
 pub struct Metrics {
     connections: AtomicU64,
-    connections_total: [AtomicU64; 6],
+    connections_total: [AtomicU64; 7],
     rooms: AtomicU64,
     messages_received: AtomicU64,
     deliveries: AtomicU64,

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::clients::PerAddress;
 use crate::config::{Config, OriginPolicy};
 use crate::gateway::Gateway;
 use crate::http;
@@ -154,6 +155,7 @@ impl Server {
             config: config.clone(),
             origin,
             rooms,
+            per_address: PerAddress::new(config.max_connections_per_ip),
             metrics: metrics.clone(),
             shutdown: stop.clone(),
             force: force.clone(),
@@ -166,7 +168,15 @@ impl Server {
         let app = http::router(page, metrics.clone());
         let http_task = watch.spawn(
             "HTTP listener",
-            http::serve(http, app, stop.clone(), force.clone(), tracker.clone()),
+            http::serve(
+                http,
+                app,
+                PerAddress::new(config.max_connections_per_ip),
+                config.trusted_proxies.clone(),
+                stop.clone(),
+                force.clone(),
+                tracker.clone(),
+            ),
         );
 
         info!(

@@ -481,3 +481,142 @@ async fn a_flooder_is_closed_and_readers_stay() {
         0
     );
 }
+
+/// A TCP connection from a chosen loopback address (127.0.0.2 and up are
+/// distinct client addresses on Linux).
+async fn tcp_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("address"))
+        .expect("bind");
+    socket.connect(to).await.expect("connect")
+}
+
+/// A WebSocket handshake from a chosen address with extra headers; the
+/// response's status. Accepted connections are kept in `open`.
+async fn status_from(
+    open: &mut Vec<TcpStream>,
+    from: &str,
+    server: &TestServer,
+    headers: &[&str],
+) -> u16 {
+    let mut tcp = tcp_from(from, server.ws).await;
+    let mut request = format!(
+        "GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+        server.ws
+    );
+    for h in headers {
+        request.push_str(h);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut head = vec![0u8; 12];
+    tokio::time::timeout(WAIT, tcp.read_exact(&mut head))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let status = String::from_utf8_lossy(&head[9..12]).parse().unwrap_or(0);
+    if status == 101 {
+        open.push(tcp);
+    }
+    status
+}
+
+/// Connections that never finish their handshake, from one address, use
+/// up that address's share and nobody else's.
+#[tokio::test]
+async fn one_address_cannot_hold_more_than_its_share() {
+    let server = TestServer::start(Config {
+        max_connections_per_ip: 3,
+        ..Config::ephemeral()
+    })
+    .await;
+    let mut open = Vec::new();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(tcp_from("127.0.0.1", server.ws).await);
+    }
+    assert_eq!(status_from(&mut open, "127.0.0.1", &server, &[]).await, 429);
+    server
+        .wait_metric("hubbub_connections_total{result=\"address_limit\"}", 1)
+        .await;
+    // Another address is not affected.
+    assert_eq!(status_from(&mut open, "127.0.0.2", &server, &[]).await, 101);
+    // A freed share is usable again.
+    drop(stalled.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match status_from(&mut open, "127.0.0.1", &server, &[]).await {
+            101 => break,
+            429 if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => panic!("got {other}"),
+        }
+    }
+    // The HTTP listener counts the same way: the fourth is closed unanswered.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tcp_from("127.0.0.3", server.http).await);
+    }
+    let mut fourth = tcp_from("127.0.0.3", server.http).await;
+    let _ = fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    let got = tokio::time::timeout(WAIT, fourth.read(&mut buf)).await;
+    assert!(matches!(got, Ok(Ok(0)) | Ok(Err(_))), "{got:?}");
+    let (status, _, _) = http_get(server.http, "/healthz").await;
+    assert_eq!(status, 200);
+}
+
+/// Behind a trusted proxy each client named by X-Forwarded-For or
+/// Forwarded has its own share; anyone else's such headers are ignored.
+#[tokio::test]
+async fn clients_behind_a_trusted_proxy_are_counted_by_their_own_address() {
+    let server = TestServer::start(Config {
+        max_connections_per_ip: 2,
+        trusted_proxies: hubbub::clients::TrustedProxies(vec!["127.0.0.5/32"
+            .parse()
+            .expect("net")]),
+        ..Config::ephemeral()
+    })
+    .await;
+    let mut open = Vec::new();
+    let alice = "X-Forwarded-For: 198.51.100.7";
+    assert_eq!(
+        status_from(&mut open, "127.0.0.5", &server, &[alice]).await,
+        101
+    );
+    assert_eq!(
+        status_from(&mut open, "127.0.0.5", &server, &[alice]).await,
+        101
+    );
+    assert_eq!(
+        status_from(&mut open, "127.0.0.5", &server, &[alice]).await,
+        429
+    );
+    let bob = "Forwarded: for=198.51.100.8;proto=http";
+    assert_eq!(
+        status_from(&mut open, "127.0.0.5", &server, &[bob]).await,
+        101
+    );
+    // The proxy itself must name the client.
+    assert_eq!(status_from(&mut open, "127.0.0.5", &server, &[]).await, 400);
+    // From an address that is not a trusted proxy the header means nothing:
+    // this one is counted as 127.0.0.6, which holds nothing yet.
+    assert_eq!(
+        status_from(&mut open, "127.0.0.6", &server, &[alice]).await,
+        101
+    );
+    assert_eq!(
+        status_from(&mut open, "127.0.0.6", &server, &[alice]).await,
+        101
+    );
+    assert_eq!(
+        status_from(&mut open, "127.0.0.6", &server, &[bob]).await,
+        429
+    );
+}

@@ -17,9 +17,10 @@ use serde::Deserialize;
 
 mod values;
 
+use crate::clients::TrustedProxies;
 use values::{
-    parse_bool, parse_host, parse_log_format, parse_origins, parse_port, parse_static_dir,
-    parse_ws_url, split_list, Count, Parse, Plain, Raw, Span,
+    parse_bool, parse_host, parse_log_format, parse_origins, parse_port, parse_proxies,
+    parse_static_dir, parse_ws_url, split_list, Count, Parse, Plain, Raw, Span,
 };
 
 /// Where one configuration value came from.
@@ -222,6 +223,10 @@ keys! {
         "Close a peer from which nothing (not even a pong) arrived for this long, checked at each ping";
     shutdown_grace: Duration [Text, String] = "5s", "DURATION", Span { min: MIN_DURATION, max: Duration::from_secs(3600) },
         "On shutdown, how long to wait for peers to finish the closing handshake";
+    max_connections_per_ip: u32 [Int, String] = "100", "N", Count { min: 1, max: 1_000_000 }.map(|n| n as u32),
+        "Connections (handshakes in progress included) one client address may hold on each listener; more get HTTP 429 (IPv6: per /64)";
+    trusted_proxies: TrustedProxies [List, Vec<String>] = "", "CIDR", Plain(parse_proxies),
+        "Proxies (addresses or CIDR ranges) whose X-Forwarded-For or Forwarded header names the client; repeat or comma-separate";
     rate_limit_per_sec: u32 [Int, String] = "50", "N", Count { min: 0, max: 1_000_000 }.map(|n| n as u32),
         "Messages per second each connection may send on average; more are not relayed (0 turns the limit off)";
     rate_limit_burst: u32 [Int, String] = "100", "N", Count { min: 1, max: 1_000_000 }.map(|n| n as u32),

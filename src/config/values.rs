@@ -254,6 +254,25 @@ pub fn parse_origins(raw: &Raw) -> Result<OriginPolicy, String> {
     Ok(OriginPolicy::List(out))
 }
 
+pub fn parse_proxies(raw: &Raw) -> Result<crate::clients::TrustedProxies, String> {
+    let items = match raw {
+        Raw::List(items) => items.clone(),
+        Raw::Text(s) => split_list(s),
+        _ => return Err("expected a list of addresses or CIDR ranges".into()),
+    };
+    let mut nets = Vec::with_capacity(items.len());
+    for item in items {
+        let net = item
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| item.parse::<IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                format!("expected addresses or CIDR ranges such as \"10.0.0.0/8\" or \"::1\", got {item:?}")
+            })?;
+        nets.push(net);
+    }
+    Ok(crate::clients::TrustedProxies(nets))
+}
+
 pub fn parse_static_dir(raw: &Raw) -> Result<Option<PathBuf>, String> {
     let s = expect_text(raw, "a directory path")?;
     if s.is_empty() {
