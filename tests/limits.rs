@@ -184,6 +184,23 @@ fn keep_reading(mut ws: Ws) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} })
 }
 
+/// One more client that sends 24 MB to the room (far more than another
+/// client's socket buffers hold) and then keeps reading, so it is never idle
+/// itself. Call it with one other client connected.
+async fn flood_the_room(server: &TestServer) -> tokio::task::JoinHandle<()> {
+    let mut talker = server.connect().await;
+    server.wait_metric("hubbub_connections", 2).await;
+    let body = vec![7u8; 1 << 20];
+    for _ in 0..24 {
+        talker
+            .send(Message::binary(body.clone()))
+            .await
+            .expect("send");
+        next_data(&mut talker).await;
+    }
+    keep_reading(talker)
+}
+
 /// A client that neither reads nor sends is closed for idleness even when
 /// room traffic has filled its socket, so its session is stuck in a write.
 #[tokio::test]
@@ -196,18 +213,7 @@ async fn a_silent_peer_stuck_on_a_full_socket_is_still_closed_for_idleness() {
     })
     .await;
     let _silent = server.connect().await;
-    let mut talker = server.connect().await;
-    server.wait_metric("hubbub_connections", 2).await;
-    // 24 MB: far more than the silent client's socket buffers hold.
-    let body = vec![7u8; 1 << 20];
-    for _ in 0..24 {
-        talker
-            .send(Message::binary(body.clone()))
-            .await
-            .expect("send");
-        next_data(&mut talker).await;
-    }
-    let _talker = keep_reading(talker);
+    let _talker = flood_the_room(&server).await;
     // Before: still open as long as the room stayed quiet.
     server.wait_metric("hubbub_connections", 1).await;
 }
@@ -233,17 +239,7 @@ async fn a_write_that_makes_no_progress_is_given_up() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    let mut talker = server.connect().await;
-    server.wait_metric("hubbub_connections", 2).await;
-    let body = vec![7u8; 1 << 20];
-    for _ in 0..24 {
-        talker
-            .send(Message::binary(body.clone()))
-            .await
-            .expect("send");
-        next_data(&mut talker).await;
-    }
-    let _talker = keep_reading(talker);
+    let _talker = flood_the_room(&server).await;
     server.wait_metric("hubbub_connections", 1).await;
     assert_eq!(
         server
@@ -586,37 +582,22 @@ async fn clients_behind_a_trusted_proxy_are_counted_by_their_own_address() {
     .await;
     let mut open = Vec::new();
     let alice = "X-Forwarded-For: 198.51.100.7";
-    assert_eq!(
-        status_from(&mut open, "127.0.0.5", &server, &[alice]).await,
-        101
-    );
-    assert_eq!(
-        status_from(&mut open, "127.0.0.5", &server, &[alice]).await,
-        101
-    );
-    assert_eq!(
-        status_from(&mut open, "127.0.0.5", &server, &[alice]).await,
-        429
-    );
     let bob = "Forwarded: for=198.51.100.8;proto=http";
-    assert_eq!(
-        status_from(&mut open, "127.0.0.5", &server, &[bob]).await,
-        101
-    );
-    // The proxy itself must name the client.
-    assert_eq!(status_from(&mut open, "127.0.0.5", &server, &[]).await, 400);
-    // From an address that is not a trusted proxy the header means nothing:
-    // this one is counted as 127.0.0.6, which holds nothing yet.
-    assert_eq!(
-        status_from(&mut open, "127.0.0.6", &server, &[alice]).await,
-        101
-    );
-    assert_eq!(
-        status_from(&mut open, "127.0.0.6", &server, &[alice]).await,
-        101
-    );
-    assert_eq!(
-        status_from(&mut open, "127.0.0.6", &server, &[bob]).await,
-        429
-    );
+    for (from, header, want) in [
+        ("127.0.0.5", Some(alice), 101),
+        ("127.0.0.5", Some(alice), 101),
+        ("127.0.0.5", Some(alice), 429),
+        ("127.0.0.5", Some(bob), 101),
+        // The proxy itself must name the client.
+        ("127.0.0.5", None, 400),
+        // From an address that is not a trusted proxy the header means
+        // nothing: these are counted as 127.0.0.6, which holds nothing yet.
+        ("127.0.0.6", Some(alice), 101),
+        ("127.0.0.6", Some(alice), 101),
+        ("127.0.0.6", Some(bob), 429),
+    ] {
+        let headers: Vec<&str> = header.into_iter().collect();
+        let got = status_from(&mut open, from, &server, &headers).await;
+        assert_eq!(got, want, "from {from} with {header:?}");
+    }
 }
