@@ -42,11 +42,14 @@ impl ChurnReport {
     }
 }
 
-async fn one_room(base: &str, i: usize) -> anyhow::Result<()> {
+async fn one_room(base: &str, addr: &str, i: usize) -> anyhow::Result<()> {
     let url = format!("{base}rooms/churn-{i}");
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+    let tcp = tokio::net::TcpStream::connect(addr)
         .await
-        .with_context(|| format!("connecting to {url}"))?;
+        .with_context(|| format!("connecting to {addr}"))?;
+    let (mut ws, _) = tokio_tungstenite::client_async(&url, tcp)
+        .await
+        .with_context(|| format!("WebSocket handshake with {url}"))?;
     ws.send(Message::text(format!("room {i}"))).await?;
     loop {
         match ws.next().await {
@@ -66,15 +69,21 @@ pub async fn run(cfg: &ChurnCfg) -> anyhow::Result<ChurnReport> {
     } else {
         format!("{}/", cfg.url)
     };
+    let addr = base
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|a| !a.is_empty())
+        .with_context(|| format!("{} is not a ws://host:port/ URL", cfg.url))?
+        .to_string();
     let before = rss()?;
     let started = Instant::now();
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(cfg.rooms);
     for i in 0..cfg.rooms {
         let permit = permits.clone().acquire_owned().await?;
-        let base = base.clone();
+        let (base, addr) = (base.clone(), addr.clone());
         tasks.push(tokio::spawn(async move {
-            let result = one_room(&base, i).await;
+            let result = one_room(&base, &addr, i).await;
             drop(permit);
             result
         }));
