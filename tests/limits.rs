@@ -409,10 +409,8 @@ async fn a_sender_over_its_rate_is_refused_then_closed() {
     for i in 0..8 {
         send_text(&mut sender, &format!("m{i}")).await;
     }
-    // The burst of 5 goes through, then 3 refusals.
-    for i in 0..5 {
-        assert_eq!(next_text(&mut watcher).await, format!("m{i}"));
-    }
+    // The burst of 5 goes through, then refusals (one more may pass if the
+    // machine took over a second to send these: the rate is 1 a second).
     let (mut relayed, mut refused) = (0, 0);
     while relayed + refused < 8 {
         let e = next_envelope(&mut sender, false).await;
@@ -425,10 +423,16 @@ async fn a_sender_over_its_rate_is_refused_then_closed() {
             _ => panic!("unexpected {e}"),
         }
     }
-    assert_eq!((relayed, refused), (5, 3));
-    assert_eq!(server.metric("hubbub_rate_limited_total").await, 3);
+    assert!((5..=6).contains(&relayed), "{relayed} relayed");
+    for i in 0..relayed {
+        let got = next_text(&mut watcher).await;
+        if i < 5 {
+            assert_eq!(got, format!("m{i}"));
+        }
+    }
+    assert_eq!(server.metric("hubbub_rate_limited_total").await, refused);
     // Keeping on: more than 5 refusals within 10 s closes it.
-    for i in 8..12 {
+    for i in 8..16 {
         send_text(&mut sender, &format!("m{i}")).await;
     }
     let (frame, _) = expect_close(&mut sender).await;
