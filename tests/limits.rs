@@ -466,7 +466,8 @@ async fn a_flooder_is_closed_and_readers_stay() {
     let mut flooder = flood.await.expect("flooder");
     let (frame, relayed) = expect_close(&mut flooder).await;
     assert_eq!(frame.code, CloseCode::Policy, "{frame:?}");
-    assert!(relayed <= 100, "{relayed} flood messages relayed");
+    // The burst of 100, plus the rate's 50 a second while the flood lasted.
+    assert!(relayed <= 150, "{relayed} flood messages relayed");
     // Every reader got the relayed part of the flood and is still here.
     for reader in readers.iter_mut() {
         for _ in 0..relayed {

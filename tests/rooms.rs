@@ -222,7 +222,7 @@ async fn history_bytes_bound_what_is_kept() {
 #[tokio::test]
 async fn history_expires_and_the_empty_room_ends() {
     let server = TestServer::start(Config {
-        history_ttl: Duration::from_millis(300),
+        history_ttl: Duration::from_secs(1),
         ..Config::ephemeral()
     })
     .await;
