@@ -207,6 +207,7 @@ impl Gateway {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.handshake_timeout)
+            .max_buf_size(crate::http::MAX_HEAD_BYTES)
             // Not keep_alive(false): hyper would then add `close` to the 101
             // response's Connection header, which clients reject. Refusals
             // carry `Connection: close` themselves.
@@ -482,6 +483,7 @@ impl Gateway {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limit)
+            .max_buf_size(crate::http::MAX_HEAD_BYTES)
             .keep_alive(false)
             .serve_connection(TokioIo::new(stream), service);
         let _ = tokio::time::timeout(limit, conn).await;

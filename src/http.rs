@@ -40,6 +40,11 @@ struct AppState {
 /// connections is far beyond any real use and bounds what a flood can cost.
 const MAX_HTTP_CONNECTIONS: usize = 1024;
 
+/// The most a request's head (request line and headers) may take on either
+/// listener; a larger one is refused with 431. A browser's handshake or page
+/// request is a few kilobytes; hyper's own default would take 400 KiB.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+
 /// How long a request's headers may take to arrive, and how long an idle
 /// keep-alive connection waits for its next request.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +84,7 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {

@@ -150,3 +150,112 @@ async fn an_allowlist_entry_with_the_default_port_matches_the_browser_origin() {
         403
     );
 }
+
+/// Whatever arrives instead of a request, on either listener, gets a 4xx or
+/// a closed connection in bounded time, never a panic or a stuck task, and
+/// the server goes on serving.
+#[tokio::test]
+async fn garbage_on_both_listeners_gets_a_4xx_or_a_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(Config {
+        handshake_timeout: std::time::Duration::from_secs(2),
+        ..Config::ephemeral()
+    })
+    .await;
+    let mut random = Vec::with_capacity(4096);
+    let mut x: u32 = 0x2545_f491;
+    for _ in 0..4096 {
+        // xorshift: varied bytes, the same every run.
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        random.push(x as u8);
+    }
+    let many_headers: String = (0..5000).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let huge_header = format!("X-Big: {}\r\n", "a".repeat(100 * 1024));
+    let key = format!("Sec-WebSocket-Key: {KEY}\r\n");
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+    let inputs: Vec<(&str, Vec<u8>)> = vec![
+        ("random bytes", random),
+        ("a truncated request line", b"GET / HT".to_vec()),
+        (
+            "a request line alone, then nothing",
+            b"GET / HTTP/1.1\r\n".to_vec(),
+        ),
+        (
+            "100 KB of one header",
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{upgrade}{key}{huge_header}\r\n").into_bytes(),
+        ),
+        (
+            "5,000 headers",
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{upgrade}{key}{many_headers}\r\n").into_bytes(),
+        ),
+        (
+            "Sec-WebSocket-Version 8",
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{upgrade}{key}Sec-WebSocket-Version: 8\r\n\r\n")
+                .into_bytes(),
+        ),
+        (
+            "no key",
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{upgrade}Sec-WebSocket-Version: 13\r\n\r\n")
+                .into_bytes(),
+        ),
+        (
+            "a NUL in the method",
+            b"G\0T / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "HTTP/2 preface",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        ),
+    ];
+    // All at once: the HTTP listener's header deadline is 10 s.
+    let mut probes = Vec::new();
+    for (listener, addr) in [("WebSocket", server.ws), ("HTTP", server.http)] {
+        for (what, bytes) in inputs.iter().cloned() {
+            probes.push(tokio::spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                // The server may close before taking it all; that is an answer too.
+                let _ = stream.write_all(&bytes).await;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let answered = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                })
+                .await;
+                assert!(
+                    answered.is_ok(),
+                    "{listener} listener, {what}: no answer and no close"
+                );
+                let head = String::from_utf8_lossy(&got);
+                if !head.is_empty() {
+                    let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+                    // On the HTTP listener a well-formed GET / is the page.
+                    let well_formed_get = listener == "HTTP"
+                        && bytes.starts_with(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade")
+                        && bytes.len() < 32 * 1024;
+                    let fine = (400..500).contains(&status) || (well_formed_get && status == 200);
+                    assert!(
+                        fine,
+                        "{listener} listener, {what}: {}",
+                        head.lines().next().unwrap_or("")
+                    );
+                }
+            }));
+        }
+    }
+    for probe in probes {
+        probe.await.expect("probe");
+    }
+    // Both listeners still serve.
+    let (status, _, _) = http_get(server.http, "/healthz").await;
+    assert_eq!(status, 200);
+    let mut ws = server.connect().await;
+    send_text(&mut ws, "still serving").await;
+    assert_eq!(next_text(&mut ws).await, "still serving");
+}
