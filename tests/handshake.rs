@@ -212,7 +212,7 @@ async fn garbage_on_both_listeners_gets_a_4xx_or_a_close() {
     // All at once: the HTTP listener's header deadline is 10 s.
     let mut probes = Vec::new();
     for (listener, addr) in [("WebSocket", server.ws), ("HTTP", server.http)] {
-        for (what, bytes) in inputs.iter().cloned() {
+        for (what, bytes) in inputs.clone() {
             probes.push(tokio::spawn(async move {
                 let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
                 // The server may close before taking it all; that is an answer too.
