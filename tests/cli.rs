@@ -28,25 +28,16 @@ const BIN: &str = env!("CARGO_BIN_EXE_hubbub");
 /// short enough that a broken binary fails fast.
 const WAIT: Duration = Duration::from_secs(8);
 
-/// Every configuration key's flag, plus `--config`.
-const FLAGS: &[&str] = &[
-    "--config",
-    "--host",
-    "--http-port",
-    "--ws-port",
-    "--public-ws-url",
-    "--allowed-origins",
-    "--static-dir",
-    "--max-connections",
-    "--max-message-bytes",
-    "--send-queue",
-    "--allow-binary",
-    "--handshake-timeout",
-    "--ping-interval",
-    "--idle-timeout",
-    "--shutdown-grace",
-    "--log-format",
-];
+/// Every configuration key's flag, plus `--config`: the key in kebab case.
+fn flags() -> Vec<String> {
+    std::iter::once("--config".to_string())
+        .chain(
+            hubbub::config::KEYS
+                .iter()
+                .map(|key| format!("--{}", key.replace('_', "-"))),
+        )
+        .collect()
+}
 
 // ---------------------------------------------------------------------------
 // Processes
@@ -346,7 +337,7 @@ fn help_lists_every_flag() {
     cmd.arg("--help");
     let (status, stdout, stderr) = run(cmd);
     assert_code(status, 0, &stdout, &stderr);
-    for flag in FLAGS {
+    for flag in flags() {
         assert!(
             stdout.contains(&format!("{flag} ")),
             "--help should list {flag}:\n{stdout}"
@@ -369,8 +360,8 @@ fn short_help_lists_every_flag_too() {
     cmd.arg("-h");
     let (status, stdout, stderr) = run(cmd);
     assert_code(status, 0, &stdout, &stderr);
-    for flag in FLAGS {
-        assert!(stdout.contains(flag), "-h should list {flag}:\n{stdout}");
+    for flag in flags() {
+        assert!(stdout.contains(&flag), "-h should list {flag}:\n{stdout}");
     }
 }
 
@@ -830,4 +821,91 @@ async fn a_second_signal_during_shutdown_exits_at_once() {
         server.proc.stderr()
     );
     drop(rude);
+}
+
+/// Out of file descriptors (a low `ulimit -n`): accept errors are logged
+/// and retried with a pause, peers already connected keep chatting, and
+/// newcomers get in again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_is_survived() {
+    let mut cmd = hubbub();
+    cmd.args([
+        "--http-port",
+        "0",
+        "--ws-port",
+        "0",
+        "--max-connections-per-ip",
+        "10000",
+        "--handshake-timeout",
+        "2s",
+    ]);
+    // SAFETY: setrlimit is async-signal-safe; it only lowers this child's
+    // own limit before it runs hubbub.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 48,
+                rlim_max: 48,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let proc = Proc::spawn(cmd);
+    let line = proc.line_containing("websocket=");
+    let url = text_field(&line, "websocket").unwrap_or_else(|| panic!("no websocket= in {line:?}"));
+    let addr = addr_of(&url, "ws://");
+    let mut a = connect(&url).await;
+    let mut b = connect(&url).await;
+    // Far more connections than descriptors left: some wait in the
+    // listen backlog, unaccepted.
+    let mut hogs = Vec::new();
+    for _ in 0..80 {
+        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            hogs.push(s);
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    while !proc.stdout().contains("accept failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no accept error logged:\n{}",
+            proc.stdout()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The peers already connected still chat.
+    a.send(Message::text("still here")).await.expect("send");
+    for ws in [&mut a, &mut b] {
+        match next_message(ws).await {
+            Some(Message::Text(t)) => assert_eq!(t.as_str(), "still here"),
+            other => panic!("expected the message, got {other:?}"),
+        }
+    }
+    // Descriptors come back; a newcomer gets in.
+    drop(hogs);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut c = loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await;
+        match attempt {
+            Ok(Ok((ws, _))) => break ws,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("no newcomer got in: {other:?}"),
+        }
+    };
+    c.send(Message::text("newcomer")).await.expect("send");
+    match next_message(&mut c).await {
+        Some(Message::Text(t)) => assert_eq!(t.as_str(), "newcomer"),
+        other => panic!("expected the newcomer's message, got {other:?}"),
+    }
+    let stdout = proc.stdout();
+    let errors = stdout.matches("accept failed").count();
+    assert!(errors < 200, "accept errors were not paced: {errors} lines");
 }
