@@ -909,3 +909,80 @@ async fn running_out_of_file_descriptors_is_survived() {
     let errors = stdout.matches("accept failed").count();
     assert!(errors < 200, "accept errors were not paced: {errors} lines");
 }
+
+fn rss_kib(pid: libc::pid_t) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// 50 peers that stop reading while 30 MB of 60 KB messages go through the
+/// room: the server's memory stays under the bound the README gives for
+/// these settings, and the 50 are closed as slow consumers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_under_peers_that_stop_reading() {
+    const MAX: u64 = 64 * 1024;
+    const QUEUE: u64 = 64;
+    const HISTORY: u64 = 100;
+    const HISTORY_BYTES: u64 = 1 << 20;
+    const STUCK: u64 = 50;
+    let server = start(&[
+        "--max-message-bytes",
+        "65536",
+        "--send-queue",
+        "64",
+        "--rate-limit-per-sec",
+        "0",
+        "--max-connections-per-ip",
+        "10000",
+    ]);
+    let pid = server.proc.pid();
+    let base = rss_kib(pid);
+    let mut stuck = Vec::new();
+    for _ in 0..STUCK {
+        stuck.push(connect(&server.ws_url).await);
+    }
+    let mut talker = connect(&server.ws_url).await;
+    let body = "m".repeat(60 * 1024);
+    let mut peak = 0;
+    for i in 0..500 {
+        talker
+            .send(Message::text(body.clone()))
+            .await
+            .expect("send");
+        match next_message(&mut talker).await {
+            Some(Message::Text(t)) => assert_eq!(t.len(), body.len(), "message {i}"),
+            other => panic!("the talker lost its echo at {i}: {other:?}"),
+        }
+        if i % 10 == 0 {
+            peak = peak.max(rss_kib(pid));
+        }
+    }
+    peak = peak.max(rss_kib(pid));
+    // The README's bound: per peer its idle cost (2 KiB) and tungstenite's
+    // write buffer (64 KiB + 2 x max_message_bytes); the distinct messages
+    // queued (at most send_queue, shared by every queue); the history (at
+    // most history_bytes, and history_size messages); in flight, the one
+    // message the talker has outstanding.
+    let per_peer = 2 * 1024 + 64 * 1024 + 2 * MAX;
+    let bound_bytes = (STUCK + 1) * per_peer + QUEUE * MAX + HISTORY_BYTES.min(HISTORY * MAX) + MAX;
+    let bound = base + bound_bytes / 1024;
+    assert!(
+        peak <= bound,
+        "server RSS peaked at {peak} KiB, over the bound {bound} KiB (start {base} KiB)"
+    );
+    // The stuck peers were closed as slow consumers, and nobody else.
+    let metrics = http_get(server.http, "/metrics");
+    let kicked = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hubbub_slow_consumer_disconnects_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(kicked, Some(STUCK), "{metrics}");
+    eprintln!("RSS: start {base} KiB, peak {peak} KiB, bound {bound} KiB");
+    drop(stuck);
+}
