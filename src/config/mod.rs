@@ -128,8 +128,9 @@ macro_rules! keys {
         /// Every configuration key, in the order they are documented.
         pub const KEYS: &[&str] = &[$(stringify!($key)),*];
 
-        /// Which keys take a list (comma-separated in flags and variables).
-        const IS_LIST: &[bool] = &[$(matches!(RawKind::$raw, RawKind::List)),*];
+        /// What each key holds in the TOML file (and whether flags and
+        /// variables give it a comma-separated list).
+        const KINDS: &[RawKind] = &[$(RawKind::$raw),*];
 
         /// One optional value per configuration key. Any flag left out falls
         /// back to the environment, then the file, then the default.
@@ -163,35 +164,7 @@ macro_rules! keys {
             }
         }
 
-        /// The shape of the TOML file. Every field keeps its span so that a
-        /// value which parses but makes no sense can still be reported with
-        /// its line.
-        #[derive(Debug, Default, Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct FileConfig {
-            $($key: Option<toml::Spanned<file_type!($raw)>>,)*
-        }
-
-        impl FileConfig {
-            fn into_values(self) -> Vec<(&'static str, Raw, std::ops::Range<usize>)> {
-                let mut out = Vec::new();
-                $(
-                    if let Some(v) = self.$key {
-                        let span = v.span();
-                        out.push((stringify!($key), Raw::$raw(v.into_inner()), span));
-                    }
-                )*
-                out
-            }
-        }
     };
-}
-
-macro_rules! file_type {
-    (Text) => { String };
-    (Int) => { i64 };
-    (Bool) => { bool };
-    (List) => { Vec<String> };
 }
 
 keys! {
@@ -243,6 +216,57 @@ keys! {
         "Recent messages a hubbub.v1 client gets when it joins without resuming";
     log_format: LogFormat [Text, String] = "text", "FORMAT", Plain(parse_log_format),
         "Log line format: text or json (RUST_LOG sets the level)";
+}
+
+/// Sections of the TOML file: a key `<section>_<name>` is written `name`
+/// under `[<section>]` (its flag and variable keep the whole name:
+/// `--tls-cert`, `HUBBUB_TLS_CERT`).
+const SECTIONS: &[&str] = &[];
+
+/// Whether a key is written under a section, and so is unknown at the top.
+fn in_section(key: &str) -> bool {
+    SECTIONS.iter().any(|section| {
+        key.strip_prefix(section)
+            .is_some_and(|r| r.starts_with('_'))
+    })
+}
+
+/// A key as the file spells it: `send_queue`, or `tls.cert`.
+fn file_name(key: &str) -> String {
+    for section in SECTIONS {
+        if let Some(name) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
+            return format!("{section}.{name}");
+        }
+    }
+    key.to_string()
+}
+
+/// A TOML value as a raw value of the kind its key holds.
+fn file_raw(value: &toml::de::DeValue<'_>, kind: RawKind) -> Result<Raw, String> {
+    use toml::de::DeValue;
+    let found = value.type_str();
+    match (kind, value) {
+        (RawKind::Text, DeValue::String(s)) => Ok(Raw::Text(s.to_string())),
+        (RawKind::Int, DeValue::Integer(i)) => i64::from_str_radix(i.as_str(), i.radix())
+            .map(Raw::Int)
+            .map_err(|_| format!("{} is out of range", i.as_str())),
+        (RawKind::Bool, DeValue::Boolean(b)) => Ok(Raw::Bool(*b)),
+        (RawKind::List, DeValue::Array(items)) => items
+            .iter()
+            .map(|item| match item.get_ref() {
+                DeValue::String(s) => Ok(s.to_string()),
+                other => Err(format!(
+                    "expected a list of strings, found a {}",
+                    other.type_str()
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Raw::List),
+        (RawKind::Text, _) => Err(format!("expected a string, found {found}")),
+        (RawKind::Int, _) => Err(format!("expected a whole number, found {found}")),
+        (RawKind::Bool, _) => Err(format!("expected true or false, found {found}")),
+        (RawKind::List, _) => Err(format!("expected a list of strings, found {found}")),
+    }
 }
 
 /// The shortest duration any key takes: below it timers and deadlines stop
@@ -403,52 +427,70 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// The top-level key whose entry (key through value) covers `offset`. toml's
-/// type errors point at the value but do not name its key (`invalid type:
-/// string "8080", expected i64`), and the operator should not have to work out
-/// which setting that was; `None` if the file does not even parse as TOML.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let table = toml::de::DeTable::parse(text).ok()?;
-    table
-        .get_ref()
-        .iter()
-        .find(|(k, v)| k.span().start <= offset && offset < v.span().end.max(k.span().end))
-        .map(|(k, _)| k.get_ref().to_string())
-}
-
 impl Layers {
     fn set(&mut self, key: &'static str, raw: Raw, source: Source) {
         self.values.insert(key, (raw, source));
     }
 
+    /// Reads the TOML file. Its top level holds the plain keys; a key
+    /// `<section>_<name>` of one of [`SECTIONS`] is written `name` under
+    /// `[<section>]`. Every value keeps its line for error messages.
     fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let file: FileConfig = toml::from_str(&text).map_err(|e| {
-            let message = e.message().trim_end();
-            let at = e
-                .span()
-                .map(|s| {
-                    let key = key_at(&text, s.start)
-                        .filter(|k| !message.contains(&format!("`{k}`")))
-                        .map(|k| format!("key `{k}`: "))
-                        .unwrap_or_default();
-                    format!("line {}: {key}", line_of(&text, s.start))
-                })
-                .unwrap_or_default();
-            ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: format!("{at}{message}"),
-            }
-        })?;
-        let source = |span: std::ops::Range<usize>| Source::File {
+        let error = |offset: Option<usize>, message: String| ConfigError::Parse {
             path: path.to_path_buf(),
-            line: line_of(&text, span.start),
+            message: match offset {
+                Some(at) => format!("line {}: {message}", line_of(&text, at)),
+                None => message,
+            },
         };
-        for (key, raw, span) in file.into_values() {
-            self.set(key, raw, source(span));
+        let document = toml::de::DeTable::parse(&text).map_err(|e| {
+            error(
+                e.span().map(|s| s.start),
+                e.message().trim_end().to_string(),
+            )
+        })?;
+        let mut entries = Vec::new();
+        for (name, value) in document.get_ref() {
+            match value.get_ref() {
+                toml::de::DeValue::Table(table) if SECTIONS.contains(&name.get_ref().as_ref()) => {
+                    for (inner, value) in table {
+                        let key = format!("{}_{}", name.get_ref(), inner.get_ref());
+                        let shown = format!("{}.{}", name.get_ref(), inner.get_ref());
+                        entries.push((key, shown, true, inner.span().start, value));
+                    }
+                }
+                _ => {
+                    let key = name.get_ref().to_string();
+                    entries.push((key.clone(), key, false, name.span().start, value));
+                }
+            }
+        }
+        for (key, shown, from_section, at, value) in entries {
+            let Some(index) = KEYS
+                .iter()
+                .position(|k| *k == key && in_section(k) == from_section)
+            else {
+                let known = KEYS
+                    .iter()
+                    .map(|k| file_name(k))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(error(
+                    Some(at),
+                    format!("unknown key `{shown}`; the keys are {known}"),
+                ));
+            };
+            let raw = file_raw(value.get_ref(), KINDS[index])
+                .map_err(|m| error(Some(value.span().start), format!("key `{shown}`: {m}")))?;
+            let source = Source::File {
+                path: path.to_path_buf(),
+                line: line_of(&text, value.span().start),
+            };
+            self.set(KEYS[index], raw, source);
         }
         Ok(())
     }
@@ -457,12 +499,12 @@ impl Layers {
     /// `${VAR}` with VAR unset produces exactly that, and it should leave the
     /// file's value or the default in place, not replace it with nothing.
     fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
-        for (key, list) in KEYS.iter().zip(IS_LIST) {
+        for (key, kind) in KEYS.iter().zip(KINDS) {
             let var = format!("HUBBUB_{}", key.to_ascii_uppercase());
             let Some(value) = env.get(&var).filter(|v| !v.trim().is_empty()) else {
                 continue;
             };
-            let raw = if *list {
+            let raw = if *kind == RawKind::List {
                 Raw::List(split_list(value))
             } else {
                 Raw::Text(value.clone())
