@@ -37,7 +37,8 @@ use crate::protocol::{self, Mode};
 use crate::room::Membership;
 use crate::rooms::{JoinError, Rooms};
 use crate::session::{self, SessionContext};
-use crate::socket::Socket;
+use crate::socket::{Socket, Stream};
+use crate::tls::Tls;
 
 /// Refusals of over-capacity connections are themselves bounded, so a flood
 /// beyond `max_connections` costs at most this many small tasks; past it, new
@@ -51,6 +52,8 @@ pub struct Gateway {
     pub rooms: Arc<Rooms>,
     /// Connections per client address (`max_connections_per_ip`).
     pub per_address: Arc<PerAddress>,
+    /// TLS, when `tls_cert` and `tls_key` are set.
+    pub tls: Option<Arc<Tls>>,
     pub metrics: Arc<Metrics>,
     /// Starts the graceful path: stop accepting, stop reading, close with 1001.
     pub shutdown: CancellationToken,
@@ -121,10 +124,13 @@ impl Gateway {
     /// of its own, so that nothing the handshake needed stays allocated for
     /// the life of the peer. The permit moves with it: it is held for the
     /// whole life of the connection, which is what `max_connections` counts.
-    async fn connection(self: Arc<Self>, stream: TcpStream, id: u64, peer: SocketAddr, held: Held) {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, id: u64, peer: SocketAddr, held: Held) {
         let ws = tokio::select! {
             _ = self.force.cancelled() => return,
-            ws = self.handshake(stream, id, peer) => ws,
+            ws = async {
+                let stream = self.secure(tcp).await?;
+                self.handshake(stream, id, peer).await
+            } => ws,
         };
         let Some((ws, membership, forwarded_share)) = ws else {
             return;
@@ -193,9 +199,25 @@ impl Gateway {
     /// WebSocket and its place in the room it asked for once the 101
     /// response has been written, or `None` if the request was refused or
     /// the client gave up.
+    /// The TLS handshake when TLS is on (within `handshake_timeout`; the
+    /// WebSocket handshake after it has what is left); `None` if it failed.
+    async fn secure(&self, tcp: TcpStream) -> Option<Stream> {
+        let Some(tls) = &self.tls else {
+            return Some(Stream::Plain(tcp));
+        };
+        match tls.accept(tcp, self.config.handshake_timeout).await {
+            Ok(stream) => Some(Stream::Tls(Box::new(stream))),
+            Err(e) => {
+                self.metrics.connection_result(ConnResult::BadRequest);
+                debug!(error = %e, "TLS handshake failed");
+                None
+            }
+        }
+    }
+
     async fn handshake(
         &self,
-        stream: TcpStream,
+        stream: Stream,
         id: u64,
         peer: SocketAddr,
     ) -> Option<(WebSocketStream<Socket>, Membership, Option<Share>)> {
@@ -240,7 +262,7 @@ impl Gateway {
                 return None;
             }
         };
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        let parts = match upgraded.downcast::<TokioIo<Stream>>() {
             Ok(parts) => parts,
             Err(_) => {
                 warn!("upgraded connection was not a TCP stream");
@@ -458,6 +480,12 @@ impl Gateway {
         refusal: Refusal,
         span: tracing::Span,
     ) {
+        // Over TLS a plain-text answer would be garbage to the client, and a
+        // TLS handshake per refused connection is what a flood would want:
+        // the connection is just closed.
+        if self.tls.is_some() {
+            return;
+        }
         let Ok(permit) = rejections.clone().try_acquire_owned() else {
             return;
         };

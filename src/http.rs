@@ -26,6 +26,8 @@ use tracing::{debug, info_span, Instrument};
 
 use crate::clients::{PerAddress, TrustedProxies};
 use crate::listener::Acceptor;
+use crate::socket::Stream;
+use crate::tls::Tls;
 
 use crate::metrics::Metrics;
 use crate::page::Page;
@@ -51,11 +53,20 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the router on `listener` until `shutdown`; each connection then
 /// finishes its current request. `force` drops whatever is left.
+/// Who may connect to the HTTP listener, and how.
+pub struct Door {
+    /// Connections per client address.
+    pub per_address: Arc<PerAddress>,
+    /// Proxies whose connections are not counted per address.
+    pub trusted: TrustedProxies,
+    /// TLS, when it is on.
+    pub tls: Option<Arc<Tls>>,
+}
+
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    per_address: Arc<PerAddress>,
-    trusted: TrustedProxies,
+    door: Door,
     shutdown: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
@@ -65,10 +76,10 @@ pub async fn serve(
     while let Some((stream, peer)) = acceptor.next().await {
         // Per address, as on the WebSocket listener (a trusted proxy's
         // connections are not counted: the page and probes are cheap).
-        let share = if trusted.contains(peer.ip()) {
+        let share = if door.trusted.contains(peer.ip()) {
             None
         } else {
-            let Some(share) = per_address.take(peer.ip()) else {
+            let Some(share) = door.per_address.take(peer.ip()) else {
                 debug!(%peer, "too many HTTP connections from one address, dropped");
                 continue;
             };
@@ -79,8 +90,18 @@ pub async fn serve(
             continue;
         };
         let service = TowerToHyperService::new(router.clone());
-        let (shutdown, force) = (shutdown.clone(), force.clone());
+        let (shutdown, force, tls) = (shutdown.clone(), force.clone(), door.tls.clone());
         let connection = async move {
+            let stream = match &tls {
+                None => Stream::Plain(stream),
+                Some(tls) => match tls.accept(stream, HEADER_TIMEOUT).await {
+                    Ok(stream) => Stream::Tls(Box::new(stream)),
+                    Err(e) => {
+                        debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)

@@ -23,6 +23,7 @@
 //! - [`log`]: a room's ordered log: offsets, epoch, history.
 //! - [`queue`]: each peer's bounded outbound queue.
 //! - [`socket`]: a peer's TCP socket with large reads and no idle buffer.
+//! - [`tls`]: TLS on both listeners, with certificate reloads.
 //! - [`page`]: the chat page and its Content-Security-Policy.
 //! - [`metrics`]: the counters behind `/metrics`.
 //! - [`memory`]: giving memory freed by ended rooms back to the system.
@@ -48,6 +49,7 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod socket;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{run, Error, Server};

@@ -53,11 +53,20 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         let server = match hubbub::Server::bind(config).await {
             Ok(s) => s,
+            // A certificate or key that cannot be used is a configuration
+            // error like any other.
+            Err(e @ hubbub::Error::Tls(_)) => {
+                eprintln!("hubbub: configuration error: {e}");
+                return ExitCode::from(2);
+            }
             Err(e) => {
                 eprintln!("hubbub: {e}");
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(tls) = server.tls() {
+            hubbub::shutdown::reload_on_sighup(tls);
+        }
         let shutdown = hubbub::shutdown::Signals::install().shutdown();
         match server.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,

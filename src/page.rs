@@ -38,6 +38,8 @@ pub struct Page {
     ws_port: u16,
     public_ws_url: Option<String>,
     max_message_bytes: usize,
+    /// The WebSocket listener speaks TLS: the page connects with `wss://`.
+    tls: bool,
 }
 
 impl Page {
@@ -46,6 +48,7 @@ impl Page {
         ws_port: u16,
         public_ws_url: Option<String>,
         max_message_bytes: usize,
+        tls: bool,
     ) -> Result<Page, PageError> {
         let template = match static_dir {
             None => BUILTIN_PAGE.to_string(),
@@ -64,6 +67,7 @@ impl Page {
             ws_port,
             public_ws_url,
             max_message_bytes,
+            tls,
         })
     }
 
@@ -76,7 +80,8 @@ impl Page {
             return Some(url.clone());
         }
         let host = host_name(host_header?)?;
-        Some(format!("ws://{host}:{}/", self.ws_port))
+        let scheme = if self.tls { "wss" } else { "ws" };
+        Some(format!("{scheme}://{host}:{}/", self.ws_port))
     }
 
     pub fn render(&self, host_header: Option<&str>) -> String {
@@ -181,7 +186,7 @@ mod tests {
 
     #[test]
     fn ws_url_follows_the_host_header() {
-        let Ok(p) = Page::load(None, 9001, None, 100) else {
+        let Ok(p) = Page::load(None, 9001, None, 100, false) else {
             panic!("the built-in page loads");
         };
         assert_eq!(
@@ -193,7 +198,13 @@ mod tests {
             Some("ws://[::1]:9001/")
         );
         assert_eq!(p.ws_url(Some("evil\"><script>")), None);
-        let Ok(p) = Page::load(None, 9001, Some("wss://chat.example.com/ws".into()), 100) else {
+        let Ok(p) = Page::load(
+            None,
+            9001,
+            Some("wss://chat.example.com/ws".into()),
+            100,
+            false,
+        ) else {
             panic!("the built-in page loads");
         };
         assert_eq!(

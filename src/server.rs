@@ -28,6 +28,7 @@ use crate::origin::OriginCheck;
 use crate::page::{Page, PageError};
 use crate::room;
 use crate::rooms::Rooms;
+use crate::tls::{Tls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,6 +42,9 @@ pub enum Error {
     Page(#[from] PageError),
     #[error("cannot read the address of a bound listener: {0}")]
     LocalAddr(io::Error),
+    /// The certificate or key cannot be used (a configuration error).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// A task the server cannot work without ended on its own. The server
     /// shuts down rather than run half-dead behind a green `/healthz`.
     #[error("the {what} stopped unexpectedly ({why}); the server shut down")]
@@ -50,6 +54,7 @@ pub enum Error {
 /// A server whose listeners are bound but not yet serving.
 pub struct Server {
     config: Config,
+    tls: Option<Arc<Tls>>,
     page: Page,
     http: TcpListener,
     ws: TcpListener,
@@ -67,6 +72,10 @@ impl Server {
     /// Binds both listeners. Port 0 picks a free port; the real ones are
     /// available from [`Server::http_addr`] and [`Server::ws_addr`].
     pub async fn bind(config: Config) -> Result<Server, Error> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
+            _ => None,
+        };
         let http = bind_one(config.http_addr(), "HTTP").await?;
         let ws = bind_one(config.ws_addr(), "WebSocket").await?;
         let http_addr = http.local_addr().map_err(Error::LocalAddr)?;
@@ -76,9 +85,11 @@ impl Server {
             ws_addr.port(),
             config.public_ws_url.clone(),
             config.max_message_bytes,
+            tls.is_some(),
         )?;
         Ok(Server {
             config,
+            tls,
             page,
             http,
             ws,
@@ -95,12 +106,18 @@ impl Server {
         self.ws_addr
     }
 
+    /// The server's TLS, to reload its certificate (on SIGHUP).
+    pub fn tls(&self) -> Option<Arc<Tls>> {
+        self.tls.clone()
+    }
+
     /// Serves until `shutdown` completes, then shuts down gracefully: stop
     /// accepting, deliver what the hub already accepted, close every peer
     /// with 1001 and wait up to `shutdown_grace` for the closing handshakes.
     pub async fn run(self, shutdown: impl Future) -> Result<(), Error> {
         let Server {
             config,
+            tls,
             page,
             http,
             ws,
@@ -137,7 +154,12 @@ impl Server {
             tracker.clone(),
         );
 
-        let page_url = format!("http://{}/", display_addr(http_addr));
+        let (http_scheme, ws_scheme) = if tls.is_some() {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        let page_url = format!("{http_scheme}://{}/", display_addr(http_addr));
         let origin = OriginCheck {
             policy: config.allowed_origins.clone(),
             http_port: http_addr.port(),
@@ -156,6 +178,7 @@ impl Server {
             origin,
             rooms,
             per_address: PerAddress::new(config.max_connections_per_ip),
+            tls: tls.clone(),
             metrics: metrics.clone(),
             shutdown: stop.clone(),
             force: force.clone(),
@@ -171,8 +194,11 @@ impl Server {
             http::serve(
                 http,
                 app,
-                PerAddress::new(config.max_connections_per_ip),
-                config.trusted_proxies.clone(),
+                http::Door {
+                    per_address: PerAddress::new(config.max_connections_per_ip),
+                    trusted: config.trusted_proxies.clone(),
+                    tls,
+                },
                 stop.clone(),
                 force.clone(),
                 tracker.clone(),
@@ -181,7 +207,7 @@ impl Server {
 
         info!(
             page = %page_url,
-            websocket = %format!("ws://{}/", display_addr(ws_addr)),
+            websocket = %format!("{ws_scheme}://{}/", display_addr(ws_addr)),
             "hubbub listening: open {page_url} in a browser",
         );
 

@@ -616,9 +616,10 @@ mod tests {
                 .0
         });
         let (tcp, _) = listener.accept().await.expect("accept");
-        let ws = tokio_tungstenite::accept_async(Socket::new(tcp, &[]))
-            .await
-            .expect("server handshake");
+        let ws =
+            tokio_tungstenite::accept_async(Socket::new(crate::socket::Stream::Plain(tcp), &[]))
+                .await
+                .expect("server handshake");
         (ws, client.await.expect("client task"))
     }
 

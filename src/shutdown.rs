@@ -90,3 +90,32 @@ impl Signals {
         });
     }
 }
+
+/// Reloads the TLS certificate and key on every SIGHUP, for as long as the
+/// process runs: new connections get the new pair, open ones keep theirs,
+/// and a reload that fails keeps the old pair and says why.
+pub fn reload_on_sighup(tls: std::sync::Arc<crate::tls::Tls>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the certificate will not be reloaded");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: reload failed; keeping the previous certificate and key")
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
+}

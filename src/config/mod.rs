@@ -19,7 +19,7 @@ mod values;
 
 use crate::clients::TrustedProxies;
 use values::{
-    parse_bool, parse_host, parse_log_format, parse_origins, parse_port, parse_proxies,
+    parse_bool, parse_host, parse_log_format, parse_origins, parse_path, parse_port, parse_proxies,
     parse_static_dir, parse_ws_url, split_list, Count, Parse, Plain, Raw, Span,
 };
 
@@ -214,6 +214,10 @@ keys! {
         "A room's history is dropped this long after its last message (and the room ends if nobody is in it)";
     history_on_join: usize [Int, String] = "50", "N", Count { min: 0, max: 100_000 },
         "Recent messages a hubbub.v1 client gets when it joins without resuming";
+    tls_cert: Option<PathBuf> [Text, String] = "", "PEM", Plain(parse_path),
+        "[tls] cert: certificate chain (PEM) for https:// and wss:// on both listeners; with tls_key (SIGHUP reloads both)";
+    tls_key: Option<PathBuf> [Text, String] = "", "PEM", Plain(parse_path),
+        "[tls] key: private key (PEM) of tls_cert";
     log_format: LogFormat [Text, String] = "text", "FORMAT", Plain(parse_log_format),
         "Log line format: text or json (RUST_LOG sets the level)";
 }
@@ -221,7 +225,7 @@ keys! {
 /// Sections of the TOML file: a key `<section>_<name>` is written `name`
 /// under `[<section>]` (its flag and variable keep the whole name:
 /// `--tls-cert`, `HUBBUB_TLS_CERT`).
-const SECTIONS: &[&str] = &[];
+const SECTIONS: &[&str] = &["tls"];
 
 /// Whether a key is written under a section, and so is unknown at the top.
 fn in_section(key: &str) -> bool {
@@ -232,7 +236,7 @@ fn in_section(key: &str) -> bool {
 }
 
 /// A key as the file spells it: `send_queue`, or `tls.cert`.
-fn file_name(key: &str) -> String {
+pub fn file_name(key: &str) -> String {
     for section in SECTIONS {
         if let Some(name) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
             return format!("{section}.{name}");
@@ -545,6 +549,18 @@ impl Layers {
                     c.ws_port,
                     provenance(v, other)
                 ),
+            ));
+        }
+        if c.tls_cert.is_some() != c.tls_key.is_some() {
+            let (set, missing) = if c.tls_cert.is_some() {
+                ("tls_cert", "tls_key")
+            } else {
+                ("tls_key", "tls_cert")
+            };
+            return Err(invalid(
+                v,
+                set,
+                format!("needs {missing} too: TLS takes a certificate and its key"),
             ));
         }
         if c.idle_timeout <= c.ping_interval {

@@ -273,6 +273,12 @@ pub fn parse_proxies(raw: &Raw) -> Result<crate::clients::TrustedProxies, String
     Ok(crate::clients::TrustedProxies(nets))
 }
 
+/// A file path; empty means none.
+pub fn parse_path(raw: &Raw) -> Result<Option<PathBuf>, String> {
+    let s = expect_text(raw, "a file path")?;
+    Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+}
+
 pub fn parse_static_dir(raw: &Raw) -> Result<Option<PathBuf>, String> {
     let s = expect_text(raw, "a directory path")?;
     if s.is_empty() {
