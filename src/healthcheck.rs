@@ -25,6 +25,10 @@ pub enum HealthError {
     Status(SocketAddr, StatusCode),
     #[error("no answer from {0} within {1:?}")]
     Timeout(SocketAddr, Duration),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("TLS handshake with {0} failed: {1}")]
+    Handshake(SocketAddr, std::io::Error),
 }
 
 /// Where a local client reaches the HTTP listener: an unspecified bind
@@ -38,31 +42,56 @@ pub fn target(config: &Config) -> SocketAddr {
     SocketAddr::new(ip, config.http_port)
 }
 
-/// GETs `/healthz` and succeeds only on 200.
-pub async fn check(addr: SocketAddr, limit: Duration) -> Result<(), HealthError> {
+/// GETs `/healthz` and succeeds only on 200. With `tls_cert` set it speaks
+/// TLS and trusts exactly that certificate (it names the public host, not
+/// the loopback address the check connects to).
+pub async fn check(config: &Config, limit: Duration) -> Result<(), HealthError> {
+    let addr = target(config);
+    let pinned = match &config.tls_cert {
+        Some(cert) => Some(crate::tls::pinned_client(cert)?),
+        None => None,
+    };
     let attempt = async {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| HealthError::Connect(addr, e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| HealthError::Http(addr, e))?;
-        tokio::spawn(conn);
-        let req = Request::get("/healthz")
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|_| HealthError::Status(addr, StatusCode::BAD_REQUEST))?;
-        let res = sender
-            .send_request(req)
-            .await
-            .map_err(|e| HealthError::Http(addr, e))?;
-        if res.status() == StatusCode::OK {
-            Ok(())
-        } else {
-            Err(HealthError::Status(addr, res.status()))
+        match pinned {
+            None => get_healthz(addr, stream).await,
+            Some(client) => {
+                let name = rustls_pki_types::ServerName::try_from("localhost")
+                    .map_err(|e| HealthError::Handshake(addr, std::io::Error::other(e)))?;
+                let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| HealthError::Handshake(addr, e))?;
+                get_healthz(addr, tls).await
+            }
         }
     };
     tokio::time::timeout(limit, attempt)
         .await
         .map_err(|_| HealthError::Timeout(addr, limit))?
+}
+
+async fn get_healthz<IO>(addr: SocketAddr, io: IO) -> Result<(), HealthError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| HealthError::Http(addr, e))?;
+    tokio::spawn(conn);
+    let req = Request::get("/healthz")
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| HealthError::Status(addr, StatusCode::BAD_REQUEST))?;
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| HealthError::Http(addr, e))?;
+    if res.status() == StatusCode::OK {
+        Ok(())
+    } else {
+        Err(HealthError::Status(addr, res.status()))
+    }
 }

@@ -39,8 +39,7 @@ fn main() -> ExitCode {
     };
 
     if let Some(Command::Healthcheck) = cli.command {
-        let addr = hubbub::healthcheck::target(&config);
-        return match runtime.block_on(hubbub::healthcheck::check(addr, Duration::from_secs(3))) {
+        return match runtime.block_on(hubbub::healthcheck::check(&config, Duration::from_secs(3))) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hubbub healthcheck: {e}");

@@ -298,6 +298,30 @@ async fn the_binary_refuses_bad_pairs_and_reloads_on_sighup() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no wss URL in {started:?}"));
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    // The container health check speaks TLS to it, trusting exactly the
+    // configured certificate (which names localhost, not 127.0.0.1).
+    let http_port = started
+        .split("page=https://")
+        .nth(1)
+        .and_then(|rest| rest.split(['/', ' ']).next())
+        .and_then(|hostport| hostport.rsplit(':').next())
+        .unwrap_or_else(|| panic!("no https page URL in {started:?}"))
+        .to_string();
+    let check = run(&[
+        "healthcheck",
+        "--tls-cert",
+        &cert_arg,
+        "--tls-key",
+        &key_arg,
+        "--http-port",
+        &http_port,
+    ]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let mut a = wss(addr, &der_a).await;
     let mut b = wss(addr, &der_a).await;
     let (cert_b, key_b, der_b) = certificate();
