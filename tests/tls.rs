@@ -240,30 +240,19 @@ async fn the_binary_refuses_bad_pairs_and_reloads_on_sighup() {
     let cert_arg = cert.display().to_string();
     let key_arg = key.display().to_string();
     let missing_arg = missing.display().to_string();
-    let out = run(&[
-        "--tls-cert",
-        &missing_arg,
-        "--tls-key",
-        &key_arg,
-        "--http-port",
-        "0",
-        "--ws-port",
-        "0",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("nowhere.pem"), "{stderr}");
-    let out = run(&[
-        "--tls-cert",
-        &cert_arg,
-        "--http-port",
-        "0",
-        "--ws-port",
-        "0",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("tls_key"), "{stderr}");
+    // (arguments, what the one-line error must name)
+    for (args, names) in [
+        (
+            vec!["--tls-cert", &missing_arg, "--tls-key", &key_arg],
+            "nowhere.pem",
+        ),
+        (vec!["--tls-cert", &cert_arg], "tls_key"),
+    ] {
+        let out = run(&[args, vec!["--http-port", "0", "--ws-port", "0"]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(names), "{stderr}");
+    }
 
     let mut child = Command::new(bin)
         .args([
