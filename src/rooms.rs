@@ -93,11 +93,6 @@ impl Rooms {
         handle.join(id, mode, resume).map_err(|_| JoinError::Closed)
     }
 
-    /// How many rooms exist.
-    pub fn count(&self) -> usize {
-        self.lock().len()
-    }
-
     fn start(self: &Arc<Self>, name: &str) -> RoomHandle {
         let (handle, inbox) = room::new_channels(self.settings.send_queue);
         let name: Arc<str> = name.into();
