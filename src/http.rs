@@ -1,5 +1,5 @@
 //! The HTTP listener: the chat page (at `/` for the lobby and at
-//! `/rooms/<name>` for any room), `/healthz` and `/metrics`.
+//! `/rooms/<name>` for any room), `/healthz`, `/readyz` and `/metrics`.
 //!
 //! Routing, methods and status codes are axum's: an unknown path is 404 and a
 //! known path with the wrong method is 405 with an `Allow` header. The
@@ -132,6 +132,7 @@ pub fn router(page: Arc<Page>, metrics: Arc<Metrics>) -> Router {
         .route("/", get(index))
         .route("/rooms/{name}", get(room_page))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .with_state(AppState { page, metrics })
@@ -181,6 +182,28 @@ async fn healthz() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         "ok\n",
+    )
+}
+
+/// Whether this node should get traffic: a node of a cluster that cannot
+/// reach Redis answers 503 (its peers stay connected, but what they send
+/// waits in the outbox); `/healthz` stays 200 meanwhile, as the process is
+/// fine.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    use std::sync::atomic::Ordering::Relaxed;
+    let cluster = &state.metrics.cluster;
+    let (status, body) = if cluster.enabled.load(Relaxed) && cluster.connected.load(Relaxed) == 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: Redis is unreachable\n",
+        )
+    } else {
+        (StatusCode::OK, "ready\n")
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
     )
 }
 

@@ -20,7 +20,10 @@
 //! - [`rooms`]: every room by name; joining creates one.
 //! - [`room`]: one room's task, which fans every message out to its peers
 //!   and keeps their ping schedule and presence.
-//! - [`log`]: a room's ordered log: offsets, epoch, history.
+//! - [`log`]: a room's ordered log: offsets, epoch, history; in memory, or
+//!   in Redis for several nodes.
+//! - [`cluster`]: the link between this node and the Redis that several
+//!   nodes share (outbox, reader, checks).
 //! - [`queue`]: each peer's bounded outbound queue.
 //! - [`socket`]: a peer's TCP socket with large reads and no idle buffer.
 //! - [`tls`]: TLS on both listeners, with certificate reloads.
@@ -31,6 +34,7 @@
 //! - [`healthcheck`]: the `hubbub healthcheck` client used by containers.
 
 pub mod clients;
+pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod healthcheck;

@@ -57,6 +57,25 @@ pub struct Metrics {
     bytes_sent: AtomicU64,
     slow_consumer_disconnects: AtomicU64,
     rate_limited: AtomicU64,
+    unavailable: AtomicU64,
+    /// The cluster's figures; all zero on a standalone node.
+    pub cluster: ClusterMetrics,
+}
+
+/// What a node reports of its link to Redis (see [`crate::cluster`]).
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// Whether this node runs with Redis at all.
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// 1 while the node reaches Redis on every path it needs.
+    pub connected: AtomicU64,
+    pub outbox: AtomicU64,
+    pub publish_errors: AtomicU64,
+    pub read_errors: AtomicU64,
+    /// Entries on hubbub's keys that are not hubbub's, skipped.
+    pub skipped: AtomicU64,
+    /// Times a room found its epoch changed under it (Redis lost its data).
+    pub new_epochs: AtomicU64,
 }
 
 impl Metrics {
@@ -89,6 +108,10 @@ impl Metrics {
 
     pub fn rate_limited(&self) {
         self.rate_limited.fetch_add(1, Relaxed);
+    }
+
+    pub fn unavailable(&self) {
+        self.unavailable.fetch_add(1, Relaxed);
     }
 
     pub fn set_rooms(&self, rooms: usize) {
@@ -150,6 +173,51 @@ impl Metrics {
             "Messages not relayed because their sender was over its rate limit.",
             self.rate_limited.load(Relaxed),
         );
+        metric(
+            "hubbub_unavailable_total",
+            "counter",
+            "Messages not taken because the cluster's outbox was full.",
+            self.unavailable.load(Relaxed),
+        );
+        if self.cluster.enabled.load(Relaxed) {
+            let c = &self.cluster;
+            metric(
+                "hubbub_cluster_connected",
+                "gauge",
+                "1 while this node reaches Redis for publishing, reading and its checks, else 0.",
+                c.connected.load(Relaxed),
+            );
+            metric(
+                "hubbub_cluster_outbox",
+                "gauge",
+                "Messages waiting in this node's outbox to be ordered by Redis.",
+                c.outbox.load(Relaxed),
+            );
+            metric(
+                "hubbub_cluster_publish_errors_total",
+                "counter",
+                "Failed attempts to hand a batch of messages to Redis (each is retried).",
+                c.publish_errors.load(Relaxed),
+            );
+            metric(
+                "hubbub_cluster_read_errors_total",
+                "counter",
+                "Failed reads and checks against Redis.",
+                c.read_errors.load(Relaxed),
+            );
+            metric(
+                "hubbub_cluster_skipped_total",
+                "counter",
+                "Entries found on hubbub's keys that hubbub did not write, logged and skipped.",
+                c.skipped.load(Relaxed),
+            );
+            metric(
+                "hubbub_cluster_new_epochs_total",
+                "counter",
+                "Times a room's epoch changed under it (Redis lost or dropped its data).",
+                c.new_epochs.load(Relaxed),
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP hubbub_connections_total WebSocket connection attempts by outcome.\n\

@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::log::{memory, RoomLog};
+use crate::log::{memory, Append, Entry, RoomLog, Update};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Mode, Resume};
 use crate::queue;
@@ -48,6 +48,10 @@ pub type PeerId = u64;
 pub enum Kick {
     /// Its send queue was full: it is not reading fast enough.
     SlowConsumer,
+    /// A raw peer sent a message the room could not take (the cluster's
+    /// outbox is full while Redis is unreachable): closed with 1013, Try
+    /// Again Later, as it has no other way to learn of it.
+    Unavailable,
 }
 
 /// A message as queued for a peer. The `Arc` keeps queue slots one pointer
@@ -92,6 +96,13 @@ pub struct Membership {
     id: PeerId,
 }
 
+impl Membership {
+    /// The peer's id in its room.
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
         // The room may already be gone (shutdown); then there is nobody to tell.
@@ -118,8 +129,8 @@ pub(crate) enum Member {
 
 /// What a room's peers send it, in one channel so it keeps their order.
 pub(crate) enum Inbound {
-    /// A message for every peer.
-    Message(Message),
+    /// A message from peer `from` for every peer.
+    Message { from: PeerId, message: Message },
     /// The peer broke a rule and is leaving: once every message it sent
     /// before has gone out, close its queue (it delivers what is queued,
     /// its own copies included, then ends).
@@ -181,8 +192,12 @@ impl RoomHandle {
     /// returned future completes, and the caller should not read more from
     /// its peer until then (which pushes back on the sender rather than
     /// growing memory) but keep writing to it.
-    pub fn broadcast(&self, message: Message) -> Result<Option<Handoff<'_>>, RoomClosed> {
-        self.offer(Inbound::Message(message))
+    pub fn broadcast(
+        &self,
+        from: PeerId,
+        message: Message,
+    ) -> Result<Option<Handoff<'_>>, RoomClosed> {
+        self.offer(Inbound::Message { from, message })
     }
 
     /// Asks the room to let go of peer `id` once everything it sent before
@@ -252,9 +267,32 @@ pub(crate) trait Retire: Send + Sync {
     fn retire(&self, name: &str, members: &mut mpsc::UnboundedReceiver<Member>) -> Option<Member>;
 }
 
+/// A join that waits for the log to be ready (see [`RoomLog::ready`]).
+struct Waiting {
+    id: PeerId,
+    queue: queue::Sender,
+    mode: Mode,
+    resume: Option<Resume>,
+}
+
+/// A peer that broke a rule and is to be let go once the room's messages
+/// it sent before have come back from the log (see [`RoomLog::in_flight`]).
+struct Flush {
+    id: PeerId,
+    mark: u64,
+    since: Instant,
+}
+
+/// How long a flush waits for its messages to come back before the peer is
+/// let go anyway (the log may be unreachable).
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
 pub(crate) struct Room<L> {
     name: Arc<str>,
     peers: HashMap<PeerId, Peer>,
+    /// Joins that wait for the log to be ready.
+    waiting: Vec<Waiting>,
+    flushes: Vec<Flush>,
     /// How many of `peers` speak `hubbub.v1`: envelopes are encoded only
     /// when somebody will read them.
     v1_peers: usize,
@@ -269,6 +307,8 @@ impl<L: RoomLog> Room<L> {
         Room {
             name,
             peers: HashMap::new(),
+            waiting: Vec::new(),
+            flushes: Vec::new(),
             v1_peers: 0,
             log,
             settings,
@@ -306,6 +346,8 @@ impl<L: RoomLog> Room<L> {
         let expiry_timer = time::sleep(Duration::ZERO);
         tokio::pin!(expiry_timer);
         let mut expiry_armed = false;
+        // Entries ordered elsewhere; a log that orders by itself has none.
+        let mut feed = self.log.feed();
         loop {
             if !expiry_armed {
                 if let Some(at) = self.log.expires_at() {
@@ -321,6 +363,11 @@ impl<L: RoomLog> Room<L> {
                     for peer in self.peers.values() {
                         peer.queue.ping();
                     }
+                    self.release_flushes();
+                }
+                Some(event) = next_event(&mut feed) => {
+                    let update = self.log.receive(event, Instant::now());
+                    self.update(update);
                 }
                 Some(member) = members.recv() => self.member(member),
                 n = messages.recv_many(&mut batch, BATCH) => {
@@ -350,10 +397,12 @@ impl<L: RoomLog> Room<L> {
                     while let Some(inbound) = messages.recv().await {
                         self.inbound(inbound, at, now);
                     }
+                    // Joins still waiting for a shared log get nothing more.
+                    self.waiting.clear();
                     break;
                 }
             }
-            if self.peers.is_empty() && self.log.is_empty() {
+            if self.peers.is_empty() && self.waiting.is_empty() && self.log.is_empty() {
                 match retire.retire(&self.name, &mut members) {
                     Some(member) => self.member(member),
                     None => break,
@@ -384,16 +433,27 @@ impl<L: RoomLog> Room<L> {
             Member::Leave { id } => {
                 if let Some(peer) = self.peers.remove(&id) {
                     self.forget(&peer);
+                } else {
+                    self.waiting.retain(|w| w.id != id);
                 }
             }
         }
     }
 
     fn join(&mut self, id: PeerId, queue: queue::Sender, mode: Mode, resume: Option<Resume>) {
+        if !self.log.ready() {
+            self.waiting.push(Waiting {
+                id,
+                queue,
+                mode,
+                resume,
+            });
+            return;
+        }
         if mode == Mode::V1 {
             let epoch = self.log.epoch().to_string();
             let latest = self.log.latest();
-            let online = self.peers.len() + 1;
+            let online = self.online() + 1;
             let resume = resume.as_ref().map(|r| (r.since, r.epoch.as_str()));
             let replay = self.log.replay(resume, self.settings.history_on_join);
             queue.push_initial(protocol::hello(
@@ -425,19 +485,114 @@ impl<L: RoomLog> Room<L> {
 
     fn inbound(&mut self, inbound: Inbound, at: SystemTime, now: Instant) {
         match inbound {
-            Inbound::Message(message) => self.publish(message, at, now),
-            Inbound::Flush(id) => {
-                // Dropping its queue's sender lets it drain, then end.
-                if let Some(peer) = self.peers.remove(&id) {
-                    self.forget(&peer);
-                }
-            }
+            Inbound::Message { from, message } => self.publish(from, message, at, now),
+            Inbound::Flush(id) => match self.log.in_flight() {
+                // Its messages are still being ordered: let go of it once
+                // they are back and delivered.
+                Some(mark) => self.flushes.push(Flush {
+                    id,
+                    mark,
+                    since: Instant::now(),
+                }),
+                None => self.let_go(id),
+            },
         }
     }
 
-    fn publish(&mut self, message: Message, at: SystemTime, now: Instant) {
-        let raw = Arc::new(message);
-        let entry = self.log.append(raw.clone(), at, now);
+    /// Drops a peer's queue sender, which lets it drain, then end.
+    fn let_go(&mut self, id: PeerId) {
+        if let Some(peer) = self.peers.remove(&id) {
+            self.forget(&peer);
+        }
+        self.waiting.retain(|w| w.id != id);
+    }
+
+    /// Lets go of the flushed peers whose messages are back, or that waited
+    /// long enough.
+    fn release_flushes(&mut self) {
+        if self.flushes.is_empty() {
+            return;
+        }
+        let mut flushes = std::mem::take(&mut self.flushes);
+        flushes.retain(|f| {
+            if self.log.settled(f.mark) || f.since.elapsed() >= FLUSH_WAIT {
+                self.let_go(f.id);
+                false
+            } else {
+                true
+            }
+        });
+        self.flushes = flushes;
+    }
+
+    /// Peers of the room here and on other nodes.
+    fn online(&self) -> usize {
+        self.peers.len() + self.log.others_online()
+    }
+
+    fn publish(&mut self, from: PeerId, message: Message, at: SystemTime, now: Instant) {
+        match self.log.append(Arc::new(message), at, now) {
+            Append::Ordered(entry) => self.deliver(entry),
+            Append::Sent => {}
+            Append::Refused => self.unavailable(from),
+        }
+    }
+
+    /// Tells a sender its message was not taken: a `hubbub.v1` peer by an
+    /// `error` envelope, a raw peer by closing it with 1013.
+    fn unavailable(&mut self, from: PeerId) {
+        self.metrics.unavailable();
+        let Some(peer) = self.peers.get(&from) else {
+            return;
+        };
+        if peer.mode == Mode::V1 {
+            let _ = peer.queue.push(protocol::error(
+                "unavailable",
+                "the cluster cannot take messages right now; this one was not relayed, try again later",
+            ));
+        } else if let Some(peer) = self.peers.remove(&from) {
+            self.forget(&peer);
+            peer.queue.kick(Kick::Unavailable);
+        }
+    }
+
+    /// Applies what the log took from its feed.
+    fn update(&mut self, update: Update) {
+        if update.new_epoch && self.v1_peers > 0 {
+            let epoch = self.log.epoch().to_string();
+            let latest = update
+                .entries
+                .first()
+                .map_or(self.log.latest(), |e| e.offset.saturating_sub(1));
+            let hello = protocol::hello(
+                &self.name,
+                &epoch,
+                latest,
+                self.online(),
+                self.settings.max_message_bytes,
+                None,
+            );
+            for peer in self.peers.values().filter(|p| p.mode == Mode::V1) {
+                let _ = peer.queue.push(hello.clone());
+            }
+        }
+        if update.ready || self.log.ready() {
+            for w in std::mem::take(&mut self.waiting) {
+                self.join(w.id, w.queue, w.mode, w.resume);
+            }
+        }
+        for entry in update.entries {
+            self.deliver(entry);
+        }
+        if update.online_changed {
+            self.presence_changed();
+        }
+        self.release_flushes();
+    }
+
+    /// Hands an ordered message to every peer.
+    fn deliver(&mut self, entry: Entry) {
+        let raw = entry.message.clone();
         let envelope = (self.v1_peers > 0).then(|| {
             let envelope = protocol::message(&entry);
             if let Some(kept) = self.log.get_mut(entry.offset) {
@@ -477,7 +632,8 @@ impl<L: RoomLog> Room<L> {
 
     fn tell_presence(&mut self) {
         self.presence.owed = false;
-        let online = self.peers.len();
+        self.log.set_local_peers(self.peers.len());
+        let online = self.online();
         if online == self.presence.told {
             return;
         }
@@ -492,5 +648,13 @@ impl<L: RoomLog> Room<L> {
             // get the next one.
             let _ = peer.queue.push(notice.clone());
         }
+    }
+}
+
+/// The next event of a feed, or never when there is none.
+async fn next_event<E>(feed: &mut Option<mpsc::UnboundedReceiver<E>>) -> Option<E> {
+    match feed {
+        Some(feed) => feed.recv().await,
+        None => std::future::pending().await,
     }
 }

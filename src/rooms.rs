@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error};
 
+use crate::cluster::Cluster;
 use crate::log::memory::MemoryLog;
+use crate::log::redis::RedisLog;
+use crate::log::RoomLog;
 use crate::metrics::Metrics;
 use crate::protocol::{Mode, Resume};
 use crate::room::{self, Member, Membership, PeerId, Retire, Room, RoomHandle, Settings};
@@ -39,6 +42,9 @@ pub struct Rooms {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// The Redis that orders and keeps the rooms, when there are several
+    /// nodes; `None`: each room's log is in memory.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Rooms {
@@ -48,6 +54,7 @@ impl Rooms {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
+        cluster: Option<Arc<Cluster>>,
     ) -> Arc<Rooms> {
         Arc::new(Rooms {
             rooms: Mutex::new(HashMap::new()),
@@ -56,6 +63,7 @@ impl Rooms {
             metrics,
             shutdown,
             tracker,
+            cluster,
         })
     }
 
@@ -94,9 +102,15 @@ impl Rooms {
     }
 
     fn start(self: &Arc<Self>, name: &str) -> RoomHandle {
-        let (handle, inbox) = room::new_channels(self.settings.send_queue);
         let name: Arc<str> = name.into();
-        let log = MemoryLog::new(self.settings.history);
+        match &self.cluster {
+            Some(cluster) => self.spawn(name.clone(), RedisLog::new(cluster, name)),
+            None => self.spawn(name, MemoryLog::new(self.settings.history)),
+        }
+    }
+
+    fn spawn<L: RoomLog + 'static>(self: &Arc<Self>, name: Arc<str>, log: L) -> RoomHandle {
+        let (handle, inbox) = room::new_channels(self.settings.send_queue);
         let room = Room::new(
             name.clone(),
             log,

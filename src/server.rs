@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::clients::PerAddress;
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::{Config, OriginPolicy};
 use crate::gateway::Gateway;
 use crate::http;
@@ -45,6 +46,9 @@ pub enum Error {
     /// The certificate or key cannot be used (a configuration error).
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The Redis URL cannot be used (a configuration error).
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     /// A task the server cannot work without ended on its own. The server
     /// shuts down rather than run half-dead behind a green `/healthz`.
     #[error("the {what} stopped unexpectedly ({why}); the server shut down")]
@@ -136,6 +140,13 @@ impl Server {
             stop: stop.clone(),
             crashes,
         };
+        let cluster = Cluster::start(
+            &config,
+            metrics.clone(),
+            stop.clone(),
+            force.clone(),
+            &tracker,
+        )?;
         let rooms = Rooms::new(
             config.max_rooms,
             room::Settings {
@@ -152,6 +163,7 @@ impl Server {
             metrics.clone(),
             stop.clone(),
             tracker.clone(),
+            cluster,
         );
 
         let (http_scheme, ws_scheme) = if tls.is_some() {

@@ -271,7 +271,7 @@ impl<'a, 'c> Serve<'a, 'c> {
         }
         self.ctx.metrics.message_received();
         let room: &'a RoomHandle = &self.membership.room;
-        match room.broadcast(message) {
+        match room.broadcast(self.membership.id(), message) {
             Ok(handoff) => self.handoff = handoff,
             // The room stopped taking messages: shutdown has begun.
             Err(RoomClosed) => self.stopping = true,
@@ -565,6 +565,10 @@ fn kick_frame(kick: Kick) -> CloseFrame {
             CloseCode::Policy,
             "slow consumer: send queue full, messages were not being read",
         ),
+        Kick::Unavailable => frame_of(
+            CloseCode::Again,
+            "the cluster cannot take messages right now; try again later",
+        ),
     }
 }
 
@@ -674,7 +678,7 @@ mod tests {
         }
         // The room's inbound channel is full from here on.
         assert!(matches!(
-            world.room.broadcast(Message::text("filler")),
+            world.room.broadcast(0, Message::text("filler")),
             Ok(None)
         ));
         sender
@@ -705,7 +709,9 @@ mod tests {
         // Once the room catches up, the waiting message goes in after the filler.
         for want in ["filler", "from the sender"] {
             match inbox.messages.recv().await {
-                Some(room::Inbound::Message(got)) => assert_eq!(got.to_text().ok(), Some(want)),
+                Some(room::Inbound::Message { message: got, .. }) => {
+                    assert_eq!(got.to_text().ok(), Some(want))
+                }
                 _ => panic!("expected {want:?} for the room"),
             }
         }

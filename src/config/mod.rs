@@ -17,10 +17,13 @@ use serde::Deserialize;
 
 mod values;
 
+pub use values::redact;
+
 use crate::clients::TrustedProxies;
 use values::{
-    parse_bool, parse_host, parse_log_format, parse_origins, parse_path, parse_port, parse_proxies,
-    parse_static_dir, parse_ws_url, split_list, Count, Parse, Plain, Raw, Span,
+    parse_bool, parse_host, parse_key_prefix, parse_log_format, parse_node_id, parse_origins,
+    parse_path, parse_port, parse_proxies, parse_redis_url, parse_static_dir, parse_ws_url,
+    split_list, Count, Parse, Plain, Raw, Span,
 };
 
 /// Where one configuration value came from.
@@ -88,14 +91,15 @@ pub enum OriginPolicy {
 /// default (parsed by the same parser as any other value, so the documented
 /// default is the real one) and its `--help` line with default and range.
 ///
-/// Each line: `key: Type [raw kind, flag type] = "default", "VALUE NAME",
-/// parser, "help"`. The raw kind is what the TOML file holds (`Text`, `Int`,
+/// Each line: `[section] key: Type [raw kind, flag type] = "default",
+/// "VALUE NAME", parser, "help"`, the `[section]` only for keys written
+/// under a section of the file. The raw kind is what the TOML file holds (`Text`, `Int`,
 /// `Bool` or `List`); flags and variables are text (`String`), lists
 /// (`Vec<String>`) repeatable and comma-separated. The flag type is spelled
 /// out because clap's derive reads it as written.
 macro_rules! keys {
     ($(
-        $key:ident: $ty:ty [$raw:ident, $flag:ty] = $default:literal, $value_name:literal, $parse:expr, $help:literal;
+        $([$section:ident])? $key:ident: $ty:ty [$raw:ident, $flag:ty] = $default:literal, $value_name:literal, $parse:expr, $help:literal;
     )*) => {
         /// The fully resolved, validated configuration the server runs with.
         #[derive(Debug, Clone)]
@@ -132,6 +136,9 @@ macro_rules! keys {
         /// variables give it a comma-separated list).
         const KINDS: &[RawKind] = &[$(RawKind::$raw),*];
 
+        /// The file section each key is written under, if any.
+        const SECTION_OF: &[Option<&str>] = &[$(section!($($section)?)),*];
+
         /// One optional value per configuration key. Any flag left out falls
         /// back to the environment, then the file, then the default.
         #[derive(Debug, Default, Clone, Args)]
@@ -164,6 +171,16 @@ macro_rules! keys {
             }
         }
 
+    };
+}
+
+/// A key's section as an `Option`, for [`keys!`].
+macro_rules! section {
+    () => {
+        None
+    };
+    ($section:ident) => {
+        Some(stringify!($section))
     };
 }
 
@@ -214,35 +231,44 @@ keys! {
         "A room's history is dropped this long after its last message (and the room ends if nobody is in it)";
     history_on_join: usize [Int, String] = "50", "N", Count { min: 0, max: 100_000 },
         "Recent messages a hubbub.v1 client gets when it joins without resuming";
-    tls_cert: Option<PathBuf> [Text, String] = "", "PEM", Plain(parse_path),
+    [tls] tls_cert: Option<PathBuf> [Text, String] = "", "PEM", Plain(parse_path),
         "[tls] cert: certificate chain (PEM) for https:// and wss:// on both listeners; with tls_key (SIGHUP reloads both)";
-    tls_key: Option<PathBuf> [Text, String] = "", "PEM", Plain(parse_path),
+    [tls] tls_key: Option<PathBuf> [Text, String] = "", "PEM", Plain(parse_path),
         "[tls] key: private key (PEM) of tls_cert";
+    [cluster] redis_url: Option<String> [Text, String] = "", "URL", Plain(parse_redis_url),
+        "[cluster] Redis that several nodes share the room log through (redis://host:port/db; absent: standalone, the log in memory)";
+    [cluster] key_prefix: String [Text, String] = "hubbub:", "PREFIX", Plain(parse_key_prefix),
+        "[cluster] Prefix of every Redis key hubbub writes, so several deployments can share one Redis";
+    [cluster] node_id: Option<String> [Text, String] = "", "ID", Plain(parse_node_id),
+        "[cluster] This node's name in the cluster (empty: made unique per process)";
+    [cluster] outbox_size: usize [Int, String] = "10000", "N", Count { min: 1, max: 1_000_000 },
+        "[cluster] Messages this node holds while Redis is unreachable; beyond it senders get `unavailable` (raw: closed with 1013)";
     log_format: LogFormat [Text, String] = "text", "FORMAT", Plain(parse_log_format),
         "Log line format: text or json (RUST_LOG sets the level)";
 }
 
-/// Sections of the TOML file: a key `<section>_<name>` is written `name`
-/// under `[<section>]` (its flag and variable keep the whole name:
-/// `--tls-cert`, `HUBBUB_TLS_CERT`).
-const SECTIONS: &[&str] = &["tls"];
-
-/// Whether a key is written under a section, and so is unknown at the top.
-fn in_section(key: &str) -> bool {
-    SECTIONS.iter().any(|section| {
-        key.strip_prefix(section)
-            .is_some_and(|r| r.starts_with('_'))
-    })
+/// The file section of a key, if it is written under one.
+fn section_of(key: &str) -> Option<&'static str> {
+    KEYS.iter()
+        .position(|k| *k == key)
+        .and_then(|i| SECTION_OF[i])
 }
 
-/// A key as the file spells it: `send_queue`, or `tls.cert`.
+/// A key's name inside its section: `tls_cert` is `cert` under `[tls]`,
+/// `redis_url` is `redis_url` under `[cluster]`.
+fn inner_name<'a>(key: &'a str, section: &str) -> &'a str {
+    key.strip_prefix(section)
+        .and_then(|r| r.strip_prefix('_'))
+        .unwrap_or(key)
+}
+
+/// A key as the file spells it: `send_queue`, `tls.cert` or
+/// `cluster.redis_url`.
 pub fn file_name(key: &str) -> String {
-    for section in SECTIONS {
-        if let Some(name) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
-            return format!("{section}.{name}");
-        }
+    match section_of(key) {
+        Some(section) => format!("{section}.{}", inner_name(key, section)),
+        None => key.to_string(),
     }
-    key.to_string()
 }
 
 /// A TOML value as a raw value of the kind its key holds.
@@ -436,9 +462,9 @@ impl Layers {
         self.values.insert(key, (raw, source));
     }
 
-    /// Reads the TOML file. Its top level holds the plain keys; a key
-    /// `<section>_<name>` of one of [`SECTIONS`] is written `name` under
-    /// `[<section>]`. Every value keeps its line for error messages.
+    /// Reads the TOML file. Its top level holds the plain keys, the
+    /// sections (`[tls]`, `[cluster]`) theirs (see [`file_name`]). Every
+    /// value keeps its line for error messages.
     fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -460,24 +486,22 @@ impl Layers {
         let mut entries = Vec::new();
         for (name, value) in document.get_ref() {
             match value.get_ref() {
-                toml::de::DeValue::Table(table) if SECTIONS.contains(&name.get_ref().as_ref()) => {
+                toml::de::DeValue::Table(table)
+                    if SECTION_OF.contains(&Some(name.get_ref().as_ref())) =>
+                {
                     for (inner, value) in table {
-                        let key = format!("{}_{}", name.get_ref(), inner.get_ref());
                         let shown = format!("{}.{}", name.get_ref(), inner.get_ref());
-                        entries.push((key, shown, true, inner.span().start, value));
+                        entries.push((shown, inner.span().start, value));
                     }
                 }
                 _ => {
                     let key = name.get_ref().to_string();
-                    entries.push((key.clone(), key, false, name.span().start, value));
+                    entries.push((key, name.span().start, value));
                 }
             }
         }
-        for (key, shown, from_section, at, value) in entries {
-            let Some(index) = KEYS
-                .iter()
-                .position(|k| *k == key && in_section(k) == from_section)
-            else {
+        for (shown, at, value) in entries {
+            let Some(index) = KEYS.iter().position(|k| file_name(k) == shown) else {
                 let known = KEYS
                     .iter()
                     .map(|k| file_name(k))

@@ -292,6 +292,69 @@ pub fn parse_static_dir(raw: &Raw) -> Result<Option<PathBuf>, String> {
     Ok(Some(dir))
 }
 
+/// A Redis URL (`redis://[user:password@]host[:port][/db]`); empty means
+/// none (standalone). Checked by the `redis` crate's own parser, so what
+/// starts is what it will connect with.
+pub fn parse_redis_url(raw: &Raw) -> Result<Option<String>, String> {
+    let s = expect_text(raw, "a redis:// URL")?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if !s.starts_with("redis://") && !s.starts_with("redis+unix://") && !s.starts_with("unix://") {
+        return Err(format!(
+            "expected a redis:// URL (or redis+unix:// for a socket), got {:?}",
+            redact(&s)
+        ));
+    }
+    redis::Client::open(s.as_str())
+        .map_err(|e| format!("not a usable Redis URL ({:?}): {e}", redact(&s)))?;
+    Ok(Some(s))
+}
+
+/// A URL with any password in it replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// What may be in a Redis key prefix or node id: printable, no spaces, so
+/// keys stay readable in `redis-cli`.
+fn key_part(s: &str, what: &str, max: usize) -> Result<(), String> {
+    if s.chars().count() > max {
+        return Err(format!("{what} is at most {max} characters, got {s:?}"));
+    }
+    if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{what} may not contain {c:?}, got {s:?}"));
+    }
+    Ok(())
+}
+
+pub fn parse_key_prefix(raw: &Raw) -> Result<String, String> {
+    let s = expect_text(raw, "a key prefix")?;
+    key_part(&s, "a key prefix", 64)?;
+    Ok(s)
+}
+
+/// A node id; empty means one made up at start (see `cluster::node_id`).
+pub fn parse_node_id(raw: &Raw) -> Result<Option<String>, String> {
+    let s = expect_text(raw, "a node id")?;
+    key_part(&s, "a node id", 64)?;
+    Ok((!s.is_empty()).then_some(s))
+}
+
 pub fn parse_log_format(raw: &Raw) -> Result<LogFormat, String> {
     let s = expect_text(raw, "\"text\" or \"json\"")?;
     match s.to_ascii_lowercase().as_str() {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{millis, Entry, Offset, RoomLog};
+use super::{millis, Append, Entry, Offset, RoomLog};
 use crate::room::Outgoing;
 
 /// History bounds, from the configuration.
@@ -52,7 +52,40 @@ impl MemoryLog {
     }
 }
 
+impl MemoryLog {
+    /// Remembers an entry ordered elsewhere (the cache of a shared log),
+    /// within the history bounds.
+    pub fn keep(&mut self, entry: Entry, now: Instant) {
+        self.latest = entry.offset;
+        self.last_at = Some(now);
+        self.bytes += entry.payload_len();
+        self.entries.push_back(entry);
+        self.evict();
+    }
+
+    /// Starts over in `epoch` at `latest`, with nothing remembered.
+    pub fn restart(&mut self, epoch: String, latest: Offset) {
+        self.epoch = epoch;
+        self.latest = latest;
+        self.clear();
+    }
+
+    /// Moves the latest offset on to one whose messages this log will
+    /// never have (they are gone where they were kept).
+    pub fn set_latest(&mut self, latest: Offset) {
+        self.clear();
+        self.latest = latest;
+    }
+
+    /// The bounds this log keeps.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+}
+
 impl RoomLog for MemoryLog {
+    type Event = std::convert::Infallible;
+
     fn epoch(&self) -> &str {
         &self.epoch
     }
@@ -61,14 +94,10 @@ impl RoomLog for MemoryLog {
         self.latest
     }
 
-    fn append(&mut self, message: Outgoing, at: SystemTime, now: Instant) -> Entry {
-        self.latest += 1;
-        self.last_at = Some(now);
-        let entry = Entry::new(self.latest, millis(at), message);
-        self.bytes += entry.payload_len();
-        self.entries.push_back(entry.clone());
-        self.evict();
-        entry
+    fn append(&mut self, message: Outgoing, at: SystemTime, now: Instant) -> Append {
+        let entry = Entry::new(self.latest + 1, millis(at), message);
+        self.keep(entry.clone(), now);
+        Append::Ordered(entry)
     }
 
     fn get_mut(&mut self, offset: Offset) -> Option<&mut Entry> {
@@ -114,7 +143,7 @@ impl RoomLog for MemoryLog {
 /// A new epoch: the clock in nanoseconds (it moves on between server
 /// starts), a per-process counter (two rooms created in the same
 /// nanosecond) and a random salt, in hex.
-fn new_epoch() -> String {
+pub fn new_epoch() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -140,12 +169,14 @@ mod tests {
     }
 
     fn add(log: &mut MemoryLog, text: &str) -> Offset {
-        log.append(
+        match log.append(
             Arc::new(Message::text(text)),
             SystemTime::now(),
             Instant::now(),
-        )
-        .offset
+        ) {
+            Append::Ordered(entry) => entry.offset,
+            _ => panic!("the memory log orders at once"),
+        }
     }
 
     fn texts(entries: Vec<&mut Entry>) -> Vec<String> {

@@ -6,12 +6,17 @@
 //! Offsets and epochs are the protocol's own (contiguous integers from 1 per
 //! epoch, a string epoch), never positions in a local buffer, so a log kept
 //! elsewhere (shared by several nodes) can stand behind the same interface.
-//! [`memory::MemoryLog`] is the one this process keeps by itself.
+//! [`memory::MemoryLog`] is the one this process keeps by itself and
+//! orders at once; [`redis::RedisLog`] hands each message to Redis, where
+//! every node's messages for the room are put in one order, and gets the
+//! ordered entries back through its feed.
 
 pub mod memory;
+pub mod redis;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::room::Outgoing;
@@ -57,17 +62,84 @@ pub struct Replay<'a> {
     pub entries: Vec<&'a mut Entry>,
 }
 
+/// What became of a message handed to the log.
+pub enum Append {
+    /// Ordered at once (the memory log): deliver it now.
+    Ordered(Entry),
+    /// On its way to be ordered elsewhere; it comes back through the feed,
+    /// like everyone else's.
+    Sent,
+    /// Cannot be taken now (the cluster's outbox is full): the sender is
+    /// told, nobody gets it.
+    Refused,
+}
+
+/// What the room does after the log took something from its feed.
+#[derive(Default)]
+pub struct Update {
+    /// The room's epoch changed under it (its history was lost): the
+    /// `hubbub.v1` peers get a new `hello` before `entries`.
+    pub new_epoch: bool,
+    /// The log is now ready to answer joins (see [`RoomLog::ready`]).
+    pub ready: bool,
+    /// Newly ordered messages, in order, for every peer.
+    pub entries: Vec<Entry>,
+    /// The count of peers on other nodes changed.
+    pub online_changed: bool,
+}
+
 /// The interface a room uses to order and remember its messages.
 pub trait RoomLog: Send {
+    /// What arrives on the feed (see [`RoomLog::feed`]).
+    type Event: Send + 'static;
+
     /// The current epoch: changes whenever the history starts over.
     fn epoch(&self) -> &str;
 
     /// The latest offset given out in this epoch (0 before the first).
     fn latest(&self) -> Offset;
 
-    /// Takes a message: gives it the next offset and remembers it, within
-    /// the history bounds.
-    fn append(&mut self, message: Outgoing, at: SystemTime, now: Instant) -> Entry;
+    /// Takes a message to be ordered. A log that orders at once gives it
+    /// the next offset and remembers it, within the history bounds.
+    fn append(&mut self, message: Outgoing, at: SystemTime, now: Instant) -> Append;
+
+    /// Where entries ordered elsewhere arrive, taken once by the room task;
+    /// `None` for a log that orders everything itself.
+    fn feed(&mut self) -> Option<mpsc::UnboundedReceiver<Self::Event>> {
+        None
+    }
+
+    /// Takes one event from the feed.
+    fn receive(&mut self, _event: Self::Event, _now: Instant) -> Update {
+        Update::default()
+    }
+
+    /// Whether joins can be answered now. A shared log first loads the
+    /// room's epoch and history; joins wait until then.
+    fn ready(&self) -> bool {
+        true
+    }
+
+    /// Peers of the room on other nodes.
+    fn others_online(&self) -> usize {
+        0
+    }
+
+    /// Tells the log how many peers the room has here (others count them).
+    fn set_local_peers(&mut self, _peers: usize) {}
+
+    /// The last message this room sent to be ordered that has not come back
+    /// yet, as a number that [`RoomLog::settled`] understands; `None` when
+    /// nothing is on its way.
+    fn in_flight(&self) -> Option<u64> {
+        None
+    }
+
+    /// Whether the message [`RoomLog::in_flight`] named has come back (or is
+    /// known to be lost).
+    fn settled(&self, _mark: u64) -> bool {
+        true
+    }
 
     /// A remembered message, to store its envelope once it is encoded.
     fn get_mut(&mut self, offset: Offset) -> Option<&mut Entry>;
@@ -87,7 +159,8 @@ pub trait RoomLog: Send {
     /// were: the epoch is the same, the messages are just no longer there.
     fn clear(&mut self);
 
-    /// Whether it remembers nothing.
+    /// Whether it keeps nothing that would be lost with the room task: a
+    /// room ends when it has no peers and its log is empty.
     fn is_empty(&self) -> bool;
 
     /// What a join gets: the messages after the client's offset when they

@@ -315,3 +315,4 @@ pub async fn next_envelope(ws: &mut Ws, presence: bool) -> serde_json::Value {
         return value;
     }
 }
+pub mod redis;

@@ -1,0 +1,478 @@
+//! Several nodes, one chat: hubbub nodes sharing a real `redis-server`
+//! (started by each test on its own port), with real WebSocket clients
+//! spread over the nodes, through a Redis that is killed, restarted,
+//! paused (`SIGSTOP`), flushed and written to by strangers.
+//!
+//! Needs `redis-server` and `redis-cli` (Debian: `apt-get install -y
+//! redis-server redis-tools`); `.ci/run` installs them and runs these.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::redis::Redis;
+use common::*;
+use futures_util::SinkExt;
+use hubbub::Config;
+use serde_json::Value;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+fn node_config(redis: &Redis) -> Config {
+    Config {
+        redis_url: Some(redis.url()),
+        rate_limit_per_sec: 0,
+        max_connections_per_ip: 10_000,
+        ..Config::ephemeral()
+    }
+}
+
+async fn node(redis: &Redis) -> TestServer {
+    let server = TestServer::start(node_config(redis)).await;
+    wait_ready(&server, true).await;
+    server
+}
+
+async fn readyz(server: &TestServer) -> u16 {
+    http_get(server.http, "/readyz").await.0
+}
+
+/// Waits until `/readyz` says ready (200) or not (503).
+async fn wait_ready(server: &TestServer, ready: bool) {
+    let want = if ready { 200 } else { 503 };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = readyz(server).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz is {got}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn v1(addr: SocketAddr, path: &str) -> (Ws, Value) {
+    let mut ws = connect_to(addr, path, true).await.expect("v1 connect");
+    let hello = next_envelope(&mut ws, false).await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    (ws, hello)
+}
+
+async fn raw(addr: SocketAddr, path: &str) -> Ws {
+    connect_to(addr, path, false).await.expect("raw connect")
+}
+
+/// The next `n` messages of a raw client.
+async fn raw_messages(ws: &mut Ws, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(next_text(ws).await);
+    }
+    out
+}
+
+/// The next `n` `message` envelopes of a v1 client, as (offset, data);
+/// any `hello` in between (a new epoch) is returned as offset 0 with the
+/// epoch as data.
+async fn v1_messages(ws: &mut Ws, n: usize) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let e = next_envelope(ws, false).await;
+        match e["type"].as_str() {
+            Some("message") => out.push((
+                e["offset"].as_u64().expect("offset"),
+                e["data"].as_str().expect("data").to_string(),
+            )),
+            Some("hello") => continue,
+            _ => panic!("unexpected envelope {e}"),
+        }
+    }
+    out
+}
+
+fn texts(messages: &[(u64, String)]) -> Vec<String> {
+    messages.iter().map(|(_, d)| d.clone()).collect()
+}
+
+fn assert_contiguous(messages: &[(u64, String)], first: u64) {
+    for (i, (offset, data)) in messages.iter().enumerate() {
+        assert_eq!(*offset, first + i as u64, "offset of {data:?}");
+    }
+}
+
+/// Whether `seq` holds `sub` in order (not necessarily next to each other).
+fn in_order(seq: &[String], sub: &[String]) -> bool {
+    let mut it = seq.iter();
+    sub.iter().all(|s| it.any(|x| x == s))
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn three_nodes_are_one_chat_with_one_order() {
+    let redis = Redis::start();
+    let nodes = [node(&redis).await, node(&redis).await, node(&redis).await];
+    let path = "/rooms/together";
+    let mut raws = Vec::new();
+    let mut v1s = Vec::new();
+    let mut first = Vec::new();
+    for n in &nodes {
+        raws.push(raw(n.ws, path).await);
+        let (ws, hello) = v1(n.ws, path).await;
+        first.push(hello["offset"].as_u64().expect("offset") + 1);
+        v1s.push(ws);
+    }
+    assert!(
+        first.iter().all(|f| *f == 1),
+        "a new room starts at offset 0 on every node: {first:?}"
+    );
+    const EACH: usize = 20;
+    let mut sent: Vec<Vec<String>> = Vec::new();
+    // Everyone sends at once, interleaved across nodes.
+    for i in 0..EACH {
+        for (n, ws) in raws.iter_mut().enumerate() {
+            send_text(ws, &format!("raw{n}-{i}")).await;
+        }
+        for (n, ws) in v1s.iter_mut().enumerate() {
+            send_text(ws, &format!("v1{n}-{i}")).await;
+        }
+    }
+    for n in 0..3 {
+        sent.push((0..EACH).map(|i| format!("raw{n}-{i}")).collect());
+        sent.push((0..EACH).map(|i| format!("v1{n}-{i}")).collect());
+    }
+    let total = EACH * 6;
+    let mut orders = Vec::new();
+    for ws in &mut raws {
+        orders.push(raw_messages(ws, total).await);
+    }
+    for ws in &mut v1s {
+        let got = v1_messages(ws, total).await;
+        assert_contiguous(&got, 1);
+        orders.push(texts(&got));
+    }
+    for order in &orders[1..] {
+        assert_eq!(
+            order, &orders[0],
+            "every client on every node sees one order"
+        );
+    }
+    let all: HashSet<&String> = orders[0].iter().collect();
+    assert_eq!(all.len(), total, "each message once");
+    for s in &sent {
+        assert!(
+            in_order(&orders[0], s),
+            "a sender's messages keep its order"
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_client_resumes_on_another_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let path = "/rooms/roaming";
+    let (mut ws, hello) = v1(a.ws, path).await;
+    let epoch = hello["epoch"].as_str().expect("epoch").to_string();
+    for i in 0..5 {
+        send_text(&mut ws, &format!("m{i}")).await;
+    }
+    let got = v1_messages(&mut ws, 5).await;
+    let last = got[4].0;
+    drop(ws);
+    // Meanwhile, on the other node.
+    let mut other = raw(b.ws, path).await;
+    // A raw client's join is in once its own message comes back.
+    send_text(&mut other, "while away 0").await;
+    assert_eq!(next_text(&mut other).await, "while away 0");
+    for i in 1..3 {
+        send_text(&mut other, &format!("while away {i}")).await;
+    }
+    raw_messages(&mut other, 2).await;
+    let (mut back, hello) = v1(b.ws, &format!("{path}?since={last}&epoch={epoch}")).await;
+    assert_eq!(hello["recovered"], true, "{hello}");
+    assert_eq!(hello["epoch"], epoch.as_str());
+    let replay = v1_messages(&mut back, 3).await;
+    assert_contiguous(&replay, last + 1);
+    assert_eq!(
+        texts(&replay),
+        ["while away 0", "while away 1", "while away 2"]
+    );
+    // And live from there, from either node.
+    send_text(&mut other, "live").await;
+    assert_eq!(
+        v1_messages(&mut back, 1).await,
+        [(last + 4, "live".to_string())]
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn presence_counts_peers_on_every_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let path = "/rooms/who";
+    let (mut watcher, _) = v1(a.ws, path).await;
+    let _far: Vec<Ws> = vec![raw(b.ws, path).await, raw(b.ws, path).await];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let e = timeout(WAIT, next_envelope(&mut watcher, true))
+            .await
+            .expect("a presence notice");
+        if e["type"] == "presence" && e["online"] == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never saw online: 3");
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn an_outage_loses_nothing_and_forks_no_order() {
+    let mut redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let path = "/rooms/outage";
+    let (mut va, _) = v1(a.ws, path).await;
+    let (mut vb, _) = v1(b.ws, path).await;
+    let mut ra = raw(a.ws, path).await;
+    send_text(&mut va, "before").await;
+    assert_eq!(texts(&v1_messages(&mut vb, 1).await), ["before"]);
+    assert_eq!(next_text(&mut ra).await, "before");
+    v1_messages(&mut va, 1).await;
+
+    redis.kill();
+    wait_ready(&a, false).await;
+    wait_ready(&b, false).await;
+    assert_eq!(
+        http_get(a.http, "/healthz").await.0,
+        200,
+        "alive all the same"
+    );
+    assert_eq!(a.metric("hubbub_cluster_connected").await, 0);
+    // Peers stay connected and keep sending; nothing is delivered before
+    // Redis has ordered it.
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        for (name, ws) in [("a", &mut va), ("b", &mut vb)] {
+            let text = format!("{name}{i}");
+            send_text(ws, &text).await;
+            sent.push(text);
+        }
+    }
+    assert!(
+        timeout(Duration::from_millis(500), next_text(&mut ra))
+            .await
+            .is_err(),
+        "nothing may be delivered while Redis is away"
+    );
+    assert!(a.metric("hubbub_cluster_outbox").await + b.metric("hubbub_cluster_outbox").await > 0);
+
+    redis.restart();
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let got_a = texts(&v1_messages(&mut va, 10).await);
+    let got_b = texts(&v1_messages(&mut vb, 10).await);
+    let got_raw = raw_messages(&mut ra, 10).await;
+    assert_eq!(got_a, got_b, "one order");
+    assert_eq!(got_a, got_raw, "one order for raw clients too");
+    let set: HashSet<&String> = got_a.iter().collect();
+    assert_eq!(set, sent.iter().collect(), "every accepted message, once");
+    assert!(
+        timeout(Duration::from_millis(700), next_text(&mut ra))
+            .await
+            .is_err(),
+        "and nothing twice"
+    );
+    assert!(a.metric("hubbub_cluster_publish_errors_total").await > 0);
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_hung_redis_is_an_outage_within_the_documented_bound() {
+    let mut redis = Redis::start();
+    let a = node(&redis).await;
+    let path = "/rooms/hung";
+    let (mut ws, _) = v1(a.ws, path).await;
+    send_text(&mut ws, "one").await;
+    v1_messages(&mut ws, 1).await;
+    redis.pause();
+    let paused = Instant::now();
+    wait_ready(&a, false).await;
+    let took = paused.elapsed();
+    // Documented: within 3 s (one blocking read's deadline); the poll adds
+    // its 50 ms and a loaded machine some more.
+    assert!(took < Duration::from_secs(6), "noticed after {took:?}");
+    send_text(&mut ws, "two").await;
+    send_text(&mut ws, "three").await;
+    redis.resume();
+    wait_ready(&a, true).await;
+    let got = v1_messages(&mut ws, 2).await;
+    assert_eq!(texts(&got), ["two", "three"]);
+    assert_contiguous(&got, 2);
+    assert!(timeout(Duration::from_millis(700), next_text(&mut ws))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn redis_losing_its_data_starts_a_new_epoch() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let path = "/rooms/amnesia";
+    let (mut ws, hello) = v1(a.ws, path).await;
+    let epoch = hello["epoch"].as_str().expect("epoch").to_string();
+    for i in 0..3 {
+        send_text(&mut ws, &format!("old{i}")).await;
+    }
+    v1_messages(&mut ws, 3).await;
+    assert_eq!(redis.cli(&["FLUSHALL"]).trim(), "OK");
+    // Within seconds the room notices, and its v1 peers get a new hello.
+    let hello = loop {
+        let e = timeout(WAIT, next_envelope(&mut ws, false))
+            .await
+            .expect("a new hello after FLUSHALL");
+        if e["type"] == "hello" {
+            break e;
+        }
+    };
+    let new_epoch = hello["epoch"].as_str().expect("epoch").to_string();
+    assert_ne!(new_epoch, epoch);
+    assert_eq!(hello["offset"], 0, "{hello}");
+    // A client resuming in the old epoch, on the other node, is told.
+    let (mut late, hello) = v1(b.ws, &format!("{path}?since=3&epoch={epoch}")).await;
+    assert_eq!(hello["recovered"], false, "{hello}");
+    assert_eq!(hello["epoch"], new_epoch.as_str());
+    // And the chat goes on, from offset 1 of the new epoch.
+    send_text(&mut late, "new").await;
+    assert_eq!(v1_messages(&mut ws, 1).await, [(1, "new".to_string())]);
+    assert_eq!(v1_messages(&mut late, 1).await, [(1, "new".to_string())]);
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_full_outbox_turns_senders_away() {
+    let mut redis = Redis::start();
+    let a = TestServer::start(Config {
+        outbox_size: 3,
+        ..node_config(&redis)
+    })
+    .await;
+    wait_ready(&a, true).await;
+    let path = "/rooms/full";
+    let (mut v, _) = v1(a.ws, path).await;
+    let mut r = raw(a.ws, path).await;
+    send_text(&mut r, "joined").await;
+    assert_eq!(next_text(&mut r).await, "joined");
+    v1_messages(&mut v, 1).await;
+    redis.kill();
+    wait_ready(&a, false).await;
+    const SENT: usize = 8;
+    for i in 0..SENT {
+        send_text(&mut v, &format!("v{i}")).await;
+    }
+    // The outbox takes 3 (and the publisher holds one more batch in hand);
+    // the rest are refused at once, each with an error envelope.
+    let mut refused = 0;
+    while let Ok(e) = timeout(Duration::from_millis(700), next_envelope(&mut v, false)).await {
+        assert_eq!(e["type"], "error", "nothing is delivered meanwhile: {e}");
+        assert_eq!(e["code"], "unavailable", "{e}");
+        refused += 1;
+    }
+    assert!(
+        (SENT - 4..=SENT - 3).contains(&refused),
+        "{refused} refused"
+    );
+    // A raw sender has no envelope: it is closed with 1013.
+    let _ = r.send(Message::text("raw while full")).await;
+    let (frame, _) = expect_close(&mut r).await;
+    assert_eq!(frame.code, CloseCode::Again);
+    // What was taken is delivered once Redis is back, in order.
+    redis.restart();
+    let taken = SENT - refused;
+    let got = texts(&v1_messages(&mut v, taken).await);
+    let want: Vec<String> = (0..taken).map(|i| format!("v{i}")).collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        a.metric("hubbub_unavailable_total").await,
+        refused as u64 + 1
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_restarted_node_loses_nothing() {
+    let redis = Redis::start();
+    let a = node(&redis).await;
+    let path = "/rooms/redeploy";
+    let (mut ws, hello) = v1(a.ws, path).await;
+    let epoch = hello["epoch"].as_str().expect("epoch").to_string();
+    for i in 0..4 {
+        send_text(&mut ws, &format!("m{i}")).await;
+    }
+    v1_messages(&mut ws, 4).await;
+    a.shutdown().await.expect("clean shutdown");
+    // The node comes back (a redeploy): same Redis, new process.
+    let a = node(&redis).await;
+    let (mut ws, hello) = v1(a.ws, &format!("{path}?since=2&epoch={epoch}")).await;
+    assert_eq!(hello["recovered"], true, "{hello}");
+    assert_eq!(hello["offset"], 4);
+    assert_eq!(
+        v1_messages(&mut ws, 2).await,
+        [(3, "m2".to_string()), (4, "m3".to_string())]
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn strangers_on_the_keys_are_skipped() {
+    let redis = Redis::start();
+    let a = node(&redis).await;
+    let path = "/rooms/visited";
+    let (mut ws, _) = v1(a.ws, path).await;
+    send_text(&mut ws, "first").await;
+    v1_messages(&mut ws, 1).await;
+    // Entries hubbub did not write, on its own keys.
+    redis.cli(&["XADD", "hubbub:events", "*", "hello", "there"]);
+    redis.cli(&[
+        "XADD",
+        "hubbub:events",
+        "*",
+        "room",
+        "visited",
+        "epoch",
+        "x",
+        "offset",
+        "zz",
+        "kind",
+        "t",
+        "data",
+        "d",
+        "ts",
+        "1",
+    ]);
+    redis.cli(&["XADD", "hubbub:room:visited:log", "999999-1", "junk", "1"]);
+    redis.cli(&["SET", "hubbub:room:elsewhere:meta", "not a hash"]);
+    send_text(&mut ws, "second").await;
+    let got = v1_messages(&mut ws, 1).await;
+    assert_eq!(texts(&got), ["second"]);
+    // A room whose metadata is not hubbub's starts a new epoch and works.
+    let (mut other, hello) = v1(a.ws, "/rooms/elsewhere").await;
+    assert_eq!(hello["offset"], 0);
+    send_text(&mut other, "fine").await;
+    assert_eq!(v1_messages(&mut other, 1).await, [(1, "fine".to_string())]);
+    // Garbage metadata in a live room: the node starts a new epoch there.
+    redis.cli(&["DEL", "hubbub:room:visited:meta"]);
+    redis.cli(&["SET", "hubbub:room:visited:meta", "garbage"]);
+    send_text(&mut ws, "third").await;
+    let got = v1_messages(&mut ws, 1).await;
+    assert_eq!(texts(&got), ["third"]);
+    assert!(a.metric("hubbub_cluster_skipped_total").await >= 2);
+    assert_eq!(readyz(&a).await, 200);
+}
