@@ -476,3 +476,182 @@ async fn strangers_on_the_keys_are_skipped() {
     assert!(a.metric("hubbub_cluster_skipped_total").await >= 2);
     assert_eq!(readyz(&a).await, 200);
 }
+
+/// nginx in front of three nodes, with `deploy/nginx.conf` exactly as the
+/// README shows it; only the nodes' addresses and the listening port are
+/// this test's own.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Nginx {
+    fn start(nodes: &[&TestServer]) -> Nginx {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let conf = std::fs::read_to_string(format!("{root}/deploy/nginx.conf"))
+            .expect("deploy/nginx.conf");
+        let readme = std::fs::read_to_string(format!("{root}/README.md")).expect("README.md");
+        assert!(
+            readme.contains(&format!("```nginx\n{conf}```")),
+            "the README shows deploy/nginx.conf exactly"
+        );
+        let port = common::redis::free_port();
+        let mut conf = conf.replace("listen 8000;", &format!("listen 127.0.0.1:{port};"));
+        for (i, n) in nodes.iter().enumerate() {
+            let name = format!("node{}", i + 1);
+            conf = conf
+                .replace(&format!("{name}:8081"), &n.ws.to_string())
+                .replace(&format!("{name}:8080"), &n.http.to_string());
+        }
+        assert!(!conf.contains("node1:"), "every node replaced");
+        let dir = std::env::temp_dir().join(format!("hubbub-nginx-{port}"));
+        std::fs::create_dir_all(dir.join("tmp")).expect("nginx dir");
+        let d = dir.display();
+        let user = if unsafe { libc::geteuid() } == 0 {
+            "user root;"
+        } else {
+            ""
+        };
+        let full = format!(
+            "{user}\nworker_processes 1;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/tmp;\n proxy_temp_path {d}/tmp;\n \
+             fastcgi_temp_path {d}/tmp;\n uwsgi_temp_path {d}/tmp;\n scgi_temp_path {d}/tmp;\n{conf}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), full).expect("write nginx.conf");
+        let child = std::process::Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-g")
+            .arg(format!("daemon off; pid {d}/nginx.pid;"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start nginx ({e}); install it with `apt-get install -y nginx`")
+            });
+        let nginx = Nginx {
+            child,
+            port,
+            _dir: TempDir(dir),
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(nginx.addr()).is_err() {
+            assert!(std::time::Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        nginx
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Nginx {
+    /// SIGTERM, not SIGKILL: the master stops its workers, which a killed
+    /// master would leave behind holding the port.
+    fn drop(&mut self) {
+        // SAFETY: a plain kill(2) on the pid of our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether the server closes this connection within `within` (it was on a
+/// node that stopped); data and control frames before the close are skipped.
+async fn closed_within(ws: &mut Ws, within: Duration) -> bool {
+    use futures_util::StreamExt;
+    let deadline = Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return false,
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return true,
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and nginx"]
+async fn behind_nginx_clients_of_a_stopped_node_resume_on_another() {
+    let redis = Redis::start();
+    let mut nodes = vec![node(&redis).await, node(&redis).await, node(&redis).await];
+    let nginx = Nginx::start(&nodes.iter().collect::<Vec<_>>());
+    let (status, _, page) = http_get(nginx.addr(), "/rooms/front").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<html") || page.contains("<!DOCTYPE"),
+        "the page through nginx"
+    );
+    let path = "/rooms/front";
+    // nginx takes turns: three clients, one on each node.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (ws, hello) = v1(nginx.addr(), path).await;
+        clients.push((ws, hello["epoch"].as_str().expect("epoch").to_string()));
+    }
+    assert!(
+        clients.iter().all(|(_, e)| *e == clients[0].1),
+        "one room, one epoch"
+    );
+    for (i, (ws, _)) in clients.iter_mut().enumerate() {
+        send_text(ws, &format!("hi from {i}")).await;
+    }
+    let mut last = 0;
+    for (ws, _) in &mut clients {
+        let got = v1_messages(ws, 3).await;
+        assert_contiguous(&got, 1);
+        last = got[2].0;
+    }
+    let epoch = clients[0].1.clone();
+    // One node goes away (a redeploy): its clients are closed with 1001.
+    let stopped = nodes.remove(0);
+    stopped.shutdown().await.expect("node stops");
+    let mut away = Vec::new();
+    let mut stayed = Vec::new();
+    for (ws, _) in clients {
+        let mut ws = ws;
+        if closed_within(&mut ws, Duration::from_secs(2)).await {
+            away.push(ws);
+        } else {
+            stayed.push(ws);
+        }
+    }
+    assert_eq!(away.len(), 1, "one client was on the stopped node");
+    send_text(&mut stayed[0], "while you were away").await;
+    // It comes back through nginx (which skips the stopped node) and
+    // resumes on another node, missing nothing.
+    let (mut back, hello) = v1(nginx.addr(), &format!("{path}?since={last}&epoch={epoch}")).await;
+    assert_eq!(hello["recovered"], true, "{hello}");
+    assert_eq!(
+        v1_messages(&mut back, 1).await,
+        [(last + 1, "while you were away".to_string())]
+    );
+    send_text(&mut back, "back").await;
+    for ws in &mut stayed {
+        let got = v1_messages(ws, 2).await;
+        assert_eq!(texts(&got), ["while you were away", "back"]);
+    }
+}
