@@ -18,6 +18,9 @@
 #               has neither rooms nor hubbub.v1, so it skips them with a note):
 #                 saturate-100-v1    saturate-100 with --protocol hubbub.v1
 #                 fanout-1000-rooms  1000 clients over 10 rooms, one sender each
+#                 flood-100          one client sending as fast as it can, 100
+#                                    readers at 1,000 msg/s at most, against
+#                                    hubbub's default limits (none lifted)
 #   FLOOR_THREADS  sending threads of the floor run (default: the core count)
 #   DURATION    seconds measured per fanout/saturate/large run (default 10)
 #   PORT        first WebSocket port; each server start takes the next one
@@ -136,7 +139,14 @@ for s in $SERVERS; do
 done
 
 start_server() { # name scenario
-    local name=$1 scenario=$2 logf="$LOGS/$1-$2.log"
+    local name=$1 scenario=$2 logf="$LOGS/$1-$2.log" limits
+    # The senders of saturate and large-60k send as fast as the server
+    # takes it, far over the per-connection rate limit people get by
+    # default, and every client comes from 127.0.0.1, far over the default
+    # per-address share: both limits are lifted (HUBBUB_ARGS can set them),
+    # except for flood-100, which is about what the defaults do.
+    limits="--rate-limit-per-sec 0 --max-connections-per-ip 1000000"
+    [[ $scenario == flood-100 ]] && limits=""
     CUR_PORT=$PORT_NEXT
     PORT_NEXT=$((PORT_NEXT + 1))
     if port_open "$CUR_PORT"; then
@@ -145,15 +155,9 @@ start_server() { # name scenario
     fi
     case $name in
         hubbub)
-            # The senders of saturate and large-60k send as fast as the server
-            # takes it, far over the per-connection rate limit people get by
-            # default, and every client comes from 127.0.0.1, far over the
-            # default per-address share: both limits are lifted here
-            # (HUBBUB_ARGS can set them).
             # shellcheck disable=SC2086
             RUST_LOG=${RUST_LOG:-warn} "$ROOT/target/release/hubbub" --host 127.0.0.1 --http-port 0 \
-                --ws-port "$CUR_PORT" --max-connections 20000 --rate-limit-per-sec 0 \
-                --max-connections-per-ip 1000000 $HUBBUB_ARGS >"$logf" 2>&1 &
+                --ws-port "$CUR_PORT" --max-connections 20000 $limits $HUBBUB_ARGS >"$logf" 2>&1 &
             ;;
         ws)
             node "$ROOT/bench/reference/server.js" "$CUR_PORT" >"$logf" 2>&1 &
@@ -196,9 +200,9 @@ run_floor() { # scenario args...
 for name in $SERVERS; do
     for scenario in $SCENARIOS; do
         case $scenario in
-            saturate-100-v1 | fanout-1000-rooms)
+            saturate-100-v1 | fanout-1000-rooms | flood-100)
                 if [[ $name != hubbub ]]; then
-                    [[ $name == floor ]] || log "skipping $scenario against $name: it needs rooms and hubbub.v1, which only hubbub has"
+                    [[ $name == floor ]] || log "skipping $scenario against $name: it needs hubbub's rooms, hubbub.v1 or limits"
                     continue
                 fi ;;
         esac
@@ -228,6 +232,13 @@ for name in $SERVERS; do
                 # 1000 clients over /rooms/bench-0..9: 100 readers and one
                 # sender per room; each message reaches its room only.
                 run_bench "$name" "$scenario" fanout -n 1000 -s 10 -r 20 -b 64 -d "$DURATION" --rooms 10 ;;
+            flood-100)
+                # One client sends as fast as it can into the room of 100
+                # readers, each reading at most 1,000 msg/s; hubbub runs with
+                # its default limits, and the 101 connections come from 4
+                # addresses so that max_connections_per_ip (100) stays as it is.
+                run_bench "$name" "$scenario" flood -n 100 -b 64 -d "$DURATION" --read-rate 1000 \
+                    --source-ips 4 ;;
             large-60k)
                 # One sender of 61,440-byte messages (under hubbub's default
                 # 64 KiB max message) and 4 more readers: MB/s taken in.
