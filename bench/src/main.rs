@@ -107,7 +107,8 @@ impl From<ProtocolArg> for Protocol {
 
 #[derive(Args, Debug, Clone)]
 struct CommonArgs {
-    /// WebSocket URL of the server (ws:// only).
+    /// WebSocket URL of the server: ws://, or wss:// (TLS; any certificate
+    /// is accepted: the run measures the server's TLS, not its identity).
     #[arg(long, default_value = "ws://127.0.0.1:8081/")]
     url: String,
     /// What the clients speak: raw (no subprotocol) or hubbub.v1 (JSON

@@ -9,13 +9,11 @@ use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 
 use crate::account::{Account, AccountCfg};
-use crate::conn::{self, ConnectOpts, Protocol, Target};
+use crate::conn::{self, ConnectOpts, Protocol, ReadHalf, Stream, Target, WriteHalf};
 use crate::frame::{self, FrameReader, MaskGen};
 use crate::latency;
 use crate::payload::{self, Header};
@@ -198,7 +196,7 @@ struct ReaderResult {
     error: Option<String>,
 }
 
-type Writer = Arc<Mutex<OwnedWriteHalf>>;
+type Writer = Arc<Mutex<WriteHalf>>;
 
 fn now_ns(epoch: Instant) -> u64 {
     epoch.elapsed().as_nanos() as u64
@@ -226,7 +224,7 @@ async fn write_frame(
 /// Reads and accounts for everything the server sends on one connection
 /// until `stop` flips, the server closes, or an error.
 async fn reader_task(
-    mut rd: OwnedReadHalf,
+    mut rd: ReadHalf,
     wr: Writer,
     ctx: ReaderCtx,
     shared: Arc<Shared>,
@@ -552,7 +550,7 @@ struct Client {
     writer: Writer,
     reader: Option<JoinHandle<ReaderResult>>,
     /// A slow client keeps its read half unread until the end.
-    unread: Option<OwnedReadHalf>,
+    unread: Option<ReadHalf>,
 }
 
 fn progress_bar(show: bool, len: u64, what: &str) -> ProgressBar {
@@ -586,10 +584,10 @@ async fn ramp(
     target: &Target,
     count: usize,
     opts_for: impl Fn(usize) -> ConnectOpts,
-) -> (Vec<Option<TcpStream>>, Vec<String>, f64) {
+) -> (Vec<Option<Stream>>, Vec<String>, f64) {
     let pb = progress_bar(common.progress, count as u64, "connecting");
     let started = Instant::now();
-    let mut out: Vec<Option<TcpStream>> = Vec::with_capacity(count);
+    let mut out: Vec<Option<Stream>> = Vec::with_capacity(count);
     let mut errors = Vec::new();
     let batch = common.batch.max(1);
     let mut i = 0;
@@ -602,7 +600,7 @@ async fn ramp(
             let timeout = common.connect_timeout;
             set.spawn(async move { (j, conn::connect(&t, opts, timeout).await) });
         }
-        let mut got: Vec<(usize, anyhow::Result<TcpStream>)> = Vec::with_capacity(end - i);
+        let mut got: Vec<(usize, anyhow::Result<Stream>)> = Vec::with_capacity(end - i);
         while let Some(r) = set.join_next().await {
             match r {
                 Ok(x) => got.push(x),
@@ -777,10 +775,7 @@ async fn collect(readers: Vec<JoinHandle<ReaderResult>>, sent: &[u64], latency: 
 
 /// Reads a client that never read until the server's close (or EOF), or
 /// `deadline`: was it disconnected by the server, and with which code?
-async fn probe_closed(
-    mut rd: OwnedReadHalf,
-    deadline: tokio::time::Instant,
-) -> Option<Option<u16>> {
+async fn probe_closed(mut rd: ReadHalf, deadline: tokio::time::Instant) -> Option<Option<u16>> {
     let mut fr = FrameReader::new(64 * 1024, 16 << 20);
     loop {
         let n = match tokio::time::timeout_at(deadline, rd.read(fr.spare())).await {

@@ -33,6 +33,28 @@ struct ServerOpts {
     /// has sent `close_after_refused` more.
     relay_first: u64,
     close_after_refused: u64,
+    /// Speak TLS (wss://) with a certificate made for the test.
+    tls: bool,
+}
+
+/// What a connection runs over: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A TLS acceptor with a self-signed certificate for 127.0.0.1.
+fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![made.cert.der().clone()], key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 struct TestServer {
@@ -49,6 +71,7 @@ async fn start_server(opts: ServerOpts) -> TestServer {
     let (tx, _) = broadcast::channel::<Message>(1 << 16);
     let pongs = Arc::new(AtomicU64::new(0));
     let p = pongs.clone();
+    let acceptor = opts.tls.then(tls_acceptor);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -56,8 +79,16 @@ async fn start_server(opts: ServerOpts) -> TestServer {
             };
             let tx = tx.clone();
             let pongs = p.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let mut rx = tx.subscribe();
+                let stream: Box<dyn Io> = match acceptor {
+                    None => Box::new(stream),
+                    Some(a) => match a.accept(stream).await {
+                        Ok(tls) => Box::new(tls),
+                        Err(_) => return,
+                    },
+                };
                 let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
                     return;
                 };
@@ -173,6 +204,46 @@ async fn fanout_delivers_everything_exactly_once() {
     // The JSON line carries the same numbers.
     let back: hubbub_bench::report::Report = serde_json::from_str(&r.to_json_line()).unwrap();
     assert_eq!(back.received, Some(450));
+}
+
+/// The same over wss://: the tool's TLS client, the handshake head read
+/// without swallowing the greeting behind it, exact counts, pings answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_and_saturate_over_wss() {
+    let srv = start_server(ServerOpts {
+        tls: true,
+        ..ServerOpts::default()
+    })
+    .await;
+    let mut c = common(srv.addr);
+    c.url = format!("wss://{}/", srv.addr);
+    let r = run::fanout(&c, &fanout_cfg(4, 2, 30)).await.unwrap();
+    assert_eq!(r.url, format!("wss://{}/", srv.addr));
+    assert_eq!(r.connected, 4);
+    assert_eq!(r.sent, Some(60));
+    assert_eq!(r.received, Some(60 * 4));
+    assert_eq!(r.delivery_ratio, Some(1.0));
+    assert_eq!(
+        (r.lost, r.reordered, r.duplicates),
+        (Some(0), Some(0), Some(0))
+    );
+    assert_eq!(r.foreign, Some(4), "the greeting, once per client");
+    assert_eq!(srv.pongs.load(Ordering::Relaxed), 4);
+    let cfg = SaturateCfg {
+        clients: 4,
+        senders: 2,
+        size: 64,
+        window: 8,
+        max_lag: 200,
+        warmup: Duration::from_millis(100),
+        duration: Duration::from_millis(300),
+        drain: Duration::from_secs(5),
+    };
+    let r = run::saturate(&c, &cfg).await.unwrap();
+    let sent = r.sent.unwrap();
+    assert!(sent > 0);
+    assert_eq!(r.received, Some(sent * 4));
+    assert_eq!(r.lost, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
