@@ -74,6 +74,10 @@ const SELECT_ALL: &str = "\u{E009}a\u{E000}";
 // ---------------------------------------------------------------------------
 // Processes and servers
 
+/// The browser tests run one at a time: two chromedrivers starting
+/// Chromiums at once on two cores can miss the session deadline.
+static BROWSERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
@@ -98,7 +102,8 @@ struct Driver {
 }
 
 impl Driver {
-    async fn start(out: &Path) -> Driver {
+    /// chromedriver logs to `out/<log>`.
+    async fn start(out: &Path, log: &str) -> Driver {
         let port = StdListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -106,10 +111,7 @@ impl Driver {
         let exe = binary("HUBBUB_CHROMEDRIVER", "/usr/bin/chromedriver");
         let child = Command::new(&exe)
             .arg(format!("--port={port}"))
-            .arg(format!(
-                "--log-path={}",
-                out.join("chromedriver.log").display()
-            ))
+            .arg(format!("--log-path={}", out.join(log).display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -698,7 +700,8 @@ async fn side_by_side(c: &Client, shots: [(&[u8], &str); 2]) -> Vec<u8> {
 async fn two_tabs_chat_in_a_real_browser() {
     let out = target_dir().join("browser");
     std::fs::create_dir_all(&out).expect("target/browser");
-    let mut driver = Driver::start(&out).await;
+    let _one_at_a_time = BROWSERS.lock().await;
+    let mut driver = Driver::start(&out, "chromedriver.log").await;
     tokio::time::timeout(WHOLE_TEST, scenario(&mut driver, &out))
         .await
         .expect("the browser test finished in time");
@@ -713,7 +716,8 @@ async fn two_tabs_chat_in_a_real_browser() {
 async fn two_tabs_chat_over_https() {
     let out = target_dir().join("browser");
     std::fs::create_dir_all(&out).expect("target/browser");
-    let mut driver = Driver::start(&out).await;
+    let _one_at_a_time = BROWSERS.lock().await;
+    let mut driver = Driver::start(&out, "chromedriver-https.log").await;
     // The certificate is self-signed: this browser trusts it as the
     // operator's own would trust a real one.
     driver
