@@ -18,6 +18,13 @@
 #               has neither rooms nor hubbub.v1, so it skips them with a note):
 #                 saturate-100-v1    saturate-100 with --protocol hubbub.v1
 #                 fanout-1000-rooms  1000 clients over 10 rooms, one sender each
+#                 flood-100          one client sending as fast as it can, 100
+#                                    readers at 1,000 msg/s at most, against
+#                                    hubbub's default limits (none lifted)
+#                 fanout-1000-wss    fanout-1000 over TLS (wss://)
+#                 saturate-100-wss   saturate-100 over TLS (wss://)
+#               The -wss ones run hubbub with a certificate made by openssl
+#               for the run (P-256, one day, for 127.0.0.1) in target/bench.
 #   FLOOR_THREADS  sending threads of the floor run (default: the core count)
 #   DURATION    seconds measured per fanout/saturate/large run (default 10)
 #   PORT        first WebSocket port; each server start takes the next one
@@ -57,11 +64,13 @@ HUBBUB_ARGS=${HUBBUB_ARGS:-}
 FLOOR_THREADS=${FLOOR_THREADS:-$(nproc)}
 QUIET_MAX=${QUIET_MAX:-25}
 QUIET_WAIT=${QUIET_WAIT:-120}
-OUT_DIR="$ROOT/target/bench"
+# Cargo's target directory (CARGO_TARGET_DIR when set): binaries and results.
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT_DIR="$TARGET/bench"
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 RESULTS="$OUT_DIR/compare-$STAMP.jsonl"
 LOGS="$OUT_DIR/compare-$STAMP-logs"
-BENCH="$ROOT/target/release/hubbub-bench"
+BENCH="$TARGET/release/hubbub-bench"
 
 SERVER_PID=""
 cleanup() {
@@ -121,6 +130,17 @@ fi
 
 mkdir -p "$OUT_DIR" "$LOGS"
 
+# The -wss scenarios: a self-signed certificate for 127.0.0.1 (the tool
+# accepts any certificate; it measures the TLS, not the identity).
+TLS_CERT="$OUT_DIR/tls-cert.pem"
+TLS_KEY="$OUT_DIR/tls-key.pem"
+if [[ " $SCENARIOS " == *-wss\ * ]]; then
+    log "making a TLS certificate for 127.0.0.1 in $OUT_DIR"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+        -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+        -keyout "$TLS_KEY" -out "$TLS_CERT" 2>/dev/null
+fi
+
 log "building release binaries"
 build_pkgs=(-p hubbub-bench)
 for s in $SERVERS; do [[ $s == hubbub ]] && build_pkgs+=(-p hubbub); done
@@ -136,7 +156,15 @@ for s in $SERVERS; do
 done
 
 start_server() { # name scenario
-    local name=$1 scenario=$2 logf="$LOGS/$1-$2.log"
+    local name=$1 scenario=$2 logf="$LOGS/$1-$2.log" limits
+    # The senders of saturate and large-60k send as fast as the server
+    # takes it, far over the per-connection rate limit people get by
+    # default, and every client comes from 127.0.0.1, far over the default
+    # per-address share: both limits are lifted (HUBBUB_ARGS can set them),
+    # except for flood-100, which is about what the defaults do.
+    limits="--rate-limit-per-sec 0 --max-connections-per-ip 1000000"
+    [[ $scenario == flood-100 ]] && limits=""
+    [[ $scenario == *-wss ]] && limits+=" --tls-cert $TLS_CERT --tls-key $TLS_KEY"
     CUR_PORT=$PORT_NEXT
     PORT_NEXT=$((PORT_NEXT + 1))
     if port_open "$CUR_PORT"; then
@@ -145,15 +173,9 @@ start_server() { # name scenario
     fi
     case $name in
         hubbub)
-            # The senders of saturate and large-60k send as fast as the server
-            # takes it, far over the per-connection rate limit people get by
-            # default, and every client comes from 127.0.0.1, far over the
-            # default per-address share: both limits are lifted here
-            # (HUBBUB_ARGS can set them).
             # shellcheck disable=SC2086
-            RUST_LOG=${RUST_LOG:-warn} "$ROOT/target/release/hubbub" --host 127.0.0.1 --http-port 0 \
-                --ws-port "$CUR_PORT" --max-connections 20000 --rate-limit-per-sec 0 \
-                --max-connections-per-ip 1000000 $HUBBUB_ARGS >"$logf" 2>&1 &
+            RUST_LOG=${RUST_LOG:-warn} "$TARGET/release/hubbub" --host 127.0.0.1 --http-port 0 \
+                --ws-port "$CUR_PORT" --max-connections 20000 $limits $HUBBUB_ARGS >"$logf" 2>&1 &
             ;;
         ws)
             node "$ROOT/bench/reference/server.js" "$CUR_PORT" >"$logf" 2>&1 &
@@ -173,7 +195,8 @@ start_server() { # name scenario
 }
 
 run_bench() { # name scenario args...
-    local name=$1 scenario=$2; shift 2
+    local name=$1 scenario=$2 scheme=ws; shift 2
+    [[ $scenario == *-wss ]] && scheme=wss
     log "$scenario against $name: hubbub-bench $*"
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
         log "$name exited before the run; its log:"
@@ -181,7 +204,7 @@ run_bench() { # name scenario args...
         exit 1
     fi
     # shellcheck disable=SC2086
-    timeout 600 "$BENCH" "$@" --url "ws://127.0.0.1:$CUR_PORT/" --server-pid "$SERVER_PID" --server-name "$name" \
+    timeout 600 "$BENCH" "$@" --url "$scheme://127.0.0.1:$CUR_PORT/" --server-pid "$SERVER_PID" --server-name "$name" \
         --label "$scenario" --json-out "$RESULTS" --no-progress $BENCH_ARGS >&2
 }
 
@@ -196,9 +219,9 @@ run_floor() { # scenario args...
 for name in $SERVERS; do
     for scenario in $SCENARIOS; do
         case $scenario in
-            saturate-100-v1 | fanout-1000-rooms)
+            saturate-100-v1 | fanout-1000-rooms | flood-100 | *-wss)
                 if [[ $name != hubbub ]]; then
-                    [[ $name == floor ]] || log "skipping $scenario against $name: it needs rooms and hubbub.v1, which only hubbub has"
+                    [[ $name == floor ]] || log "skipping $scenario against $name: it needs hubbub's rooms, hubbub.v1, limits or TLS"
                     continue
                 fi ;;
         esac
@@ -215,9 +238,9 @@ for name in $SERVERS; do
         case $scenario in
             fanout-100)
                 run_bench "$name" "$scenario" fanout -n 100 -s 10 -r 50 -b 64 -d "$DURATION" ;;
-            fanout-1000)
+            fanout-1000 | fanout-1000-wss)
                 run_bench "$name" "$scenario" fanout -n 1000 -s 5 -r 20 -b 64 -d "$DURATION" ;;
-            saturate-100)
+            saturate-100 | saturate-100-wss)
                 run_bench "$name" "$scenario" saturate -n 100 -s 10 -b 64 -d "$DURATION" --warmup 2 ;;
             saturate-100-v1)
                 # saturate-100 with every client speaking hubbub.v1: the cost of
@@ -228,6 +251,13 @@ for name in $SERVERS; do
                 # 1000 clients over /rooms/bench-0..9: 100 readers and one
                 # sender per room; each message reaches its room only.
                 run_bench "$name" "$scenario" fanout -n 1000 -s 10 -r 20 -b 64 -d "$DURATION" --rooms 10 ;;
+            flood-100)
+                # One client sends as fast as it can into the room of 100
+                # readers, each reading at most 1,000 msg/s; hubbub runs with
+                # its default limits, and the 101 connections come from 4
+                # addresses so that max_connections_per_ip (100) stays as it is.
+                run_bench "$name" "$scenario" flood -n 100 -b 64 -d "$DURATION" --read-rate 1000 \
+                    --source-ips 4 ;;
             large-60k)
                 # One sender of 61,440-byte messages (under hubbub's default
                 # 64 KiB max message) and 4 more readers: MB/s taken in.

@@ -19,6 +19,11 @@
 //! `target/browser/two-tabs.png` on the way (and `docs/screenshot.png` too
 //! when `HUBBUB_UPDATE_SCREENSHOT=1`).
 //!
+//! A second, shorter run serves the page over https with a certificate made
+//! at test time (rcgen; Chromium started with `--ignore-certificate-errors`
+//! since nothing vouches for it): the page connects with `wss://` by itself
+//! and two people chat through it.
+//!
 //! Needs `chromium` and `chromium-driver` (Debian packages), hence ignored by
 //! default: `cargo test --test browser -- --include-ignored`.
 //! `HUBBUB_CHROMIUM` and `HUBBUB_CHROMEDRIVER` override the binaries' paths.
@@ -29,6 +34,7 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -68,6 +74,10 @@ const SELECT_ALL: &str = "\u{E009}a\u{E000}";
 // ---------------------------------------------------------------------------
 // Processes and servers
 
+/// The browser tests run one at a time: two chromedrivers starting
+/// Chromiums at once on two cores can miss the session deadline.
+static BROWSERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
@@ -87,10 +97,13 @@ struct Driver {
     addr: SocketAddr,
     url: String,
     profiles: Vec<PathBuf>,
+    /// Extra Chromium flags for every browser this driver starts.
+    browser_args: Vec<String>,
 }
 
 impl Driver {
-    async fn start(out: &Path) -> Driver {
+    /// chromedriver logs to `out/<log>`.
+    async fn start(out: &Path, log: &str) -> Driver {
         let port = StdListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -98,10 +111,7 @@ impl Driver {
         let exe = binary("HUBBUB_CHROMEDRIVER", "/usr/bin/chromedriver");
         let child = Command::new(&exe)
             .arg(format!("--port={port}"))
-            .arg(format!(
-                "--log-path={}",
-                out.join("chromedriver.log").display()
-            ))
+            .arg(format!("--log-path={}", out.join(log).display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -119,6 +129,7 @@ impl Driver {
             addr,
             url: format!("http://127.0.0.1:{port}"),
             profiles: Vec::new(),
+            browser_args: Vec::new(),
         };
         poll(
             "chromedriver to listen",
@@ -171,6 +182,7 @@ impl Driver {
             // Makes prefers-color-scheme: dark match, as a dark OS theme would.
             args.push("--force-dark-mode".into());
         }
+        args.extend(self.browser_args.iter().cloned());
         let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -688,12 +700,201 @@ async fn side_by_side(c: &Client, shots: [(&[u8], &str); 2]) -> Vec<u8> {
 async fn two_tabs_chat_in_a_real_browser() {
     let out = target_dir().join("browser");
     std::fs::create_dir_all(&out).expect("target/browser");
-    let mut driver = Driver::start(&out).await;
+    let _one_at_a_time = BROWSERS.lock().await;
+    let mut driver = Driver::start(&out, "chromedriver.log").await;
     tokio::time::timeout(WHOLE_TEST, scenario(&mut driver, &out))
         .await
         .expect("the browser test finished in time");
     // `driver` is dropped here, or while unwinding from a failure above,
     // and takes chromedriver and the browsers with it.
+}
+
+/// The page over https, with a certificate made for this run: it connects
+/// with wss:// by itself, and two people chat through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium and chromedriver"]
+async fn two_tabs_chat_over_https() {
+    let out = target_dir().join("browser");
+    std::fs::create_dir_all(&out).expect("target/browser");
+    let _one_at_a_time = BROWSERS.lock().await;
+    let mut driver = Driver::start(&out, "chromedriver-https.log").await;
+    // The certificate is self-signed: this browser trusts it as the
+    // operator's own would trust a real one.
+    driver
+        .browser_args
+        .push("--ignore-certificate-errors".into());
+    tokio::time::timeout(WHOLE_TEST, https_scenario(&mut driver))
+        .await
+        .expect("the https browser test finished in time");
+}
+
+async fn https_scenario(driver: &mut Driver) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("certificate dir");
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("certificate");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).expect("write cert");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    let server = Running::start(hubbub::Config {
+        tls_cert: Some(cert),
+        tls_key: Some(key),
+        ..hubbub::Config::ephemeral()
+    })
+    .await;
+    let page_url = format!("https://{}/", server.http);
+
+    let alice = driver.tab("alice-https", false).await;
+    let bob = driver.tab("bob-https", true).await;
+    for tab in [&alice, &bob] {
+        tab.c
+            .goto(&page_url)
+            .await
+            .expect("open the page over https");
+    }
+    for tab in [&alice, &bob] {
+        tab.wait_state("connected", SHOW_UP).await;
+        tab.wait_online(2).await;
+        // Served over https, so the page's socket is wss:// to the
+        // WebSocket listener (its CSP allows exactly that).
+        let protocol = tab.js("return location.protocol", vec![]).await;
+        assert_eq!(protocol, "https:", "[{}]", tab.name);
+        let sockets = tab
+            .cdp(
+                "Runtime.evaluate",
+                json!({"expression": "WebSocket.prototype"}),
+            )
+            .await;
+        let found = tab
+            .cdp(
+                "Runtime.queryObjects",
+                json!({"prototypeObjectId": sockets["result"]["objectId"]}),
+            )
+            .await;
+        let urls = tab
+            .cdp(
+                "Runtime.callFunctionOn",
+                json!({
+                    "objectId": found["objects"]["objectId"],
+                    "functionDeclaration": "function () { \
+                        return this.filter(w => w.readyState === WebSocket.OPEN).map(w => w.url); }",
+                    "returnByValue": true,
+                }),
+            )
+            .await;
+        let urls = &urls["result"]["value"];
+        assert!(
+            urls.as_array().is_some_and(|u| u.len() == 1
+                && u[0]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with(&format!("wss://{}/", server.ws)))),
+            "[{}] the page's open sockets: {urls}",
+            tab.name
+        );
+    }
+    let (headers, _) = get_page_tls(server.http).await;
+    let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(
+        csp.contains(&format!("connect-src 'self' wss://{}", server.ws)),
+        "{csp}"
+    );
+
+    alice.say("hello over wss").await;
+    bob.say("and back, encrypted").await;
+    for tab in [&alice, &bob] {
+        tab.wait_count(2).await;
+        let bodies: Vec<String> = tab.messages().await.into_iter().map(|m| m.body).collect();
+        assert_eq!(
+            bodies,
+            ["hello over wss", "and back, encrypted"],
+            "[{}] messages shown",
+            tab.name
+        );
+    }
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// GET / over TLS, trusting any certificate (the one made for this run).
+async fn get_page_tls(addr: SocketAddr) -> (hyper::HeaderMap, String) {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("127.0.0.1").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = Request::get("/")
+            .header(header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("GET");
+        assert!(resp.status().is_success(), "GET /: {}", resp.status());
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (parts.headers, String::from_utf8(body.to_vec()).unwrap())
+    })
+    .await
+    .expect("page served in time")
 }
 
 async fn scenario(driver: &mut Driver, out: &Path) {

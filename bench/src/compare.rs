@@ -123,6 +123,50 @@ fn metrics_for(mode: &str) -> Vec<Metric> {
                 fmt: mib,
             });
         }
+        "flood" => {
+            m.push(Metric {
+                name: "flooder sent",
+                better: Better::Info,
+                get: |r| r.sent.map(|v| v as f64),
+                fmt: int,
+            });
+            m.push(Metric {
+                name: "relayed",
+                better: Better::Info,
+                get: |r| r.relayed.map(|v| v as f64),
+                fmt: int,
+            });
+            m.push(Metric {
+                name: "flooder close code",
+                better: Better::Info,
+                get: |r| r.flooder_closed.as_deref().and_then(|c| c.parse().ok()),
+                fmt: |v| format!("{v:.0}"),
+            });
+            m.push(Metric {
+                name: "readers closed by server",
+                better: Better::Lower,
+                get: |r| r.closed_by_server.map(|v| v as f64),
+                fmt: int,
+            });
+            m.push(Metric {
+                name: "readers with everything",
+                better: Better::Higher,
+                get: |r| r.readers_complete.map(|v| v as f64),
+                fmt: int,
+            });
+            m.push(Metric {
+                name: "lowest reader delivery ratio",
+                better: Better::Higher,
+                get: |r| r.reader_ratio_min,
+                fmt: ratio6,
+            });
+            m.push(Metric {
+                name: "server RSS max MiB",
+                better: Better::Lower,
+                get: |r| r.server_rss_kib_max.map(|v| v as f64 / 1024.0),
+                fmt: mib,
+            });
+        }
         "idle" => {
             m.push(Metric {
                 name: "still open",

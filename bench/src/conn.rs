@@ -1,16 +1,25 @@
 //! Opening connections: TCP (optionally from a chosen 127.0.0.x source
-//! address), the WebSocket opening handshake done by tungstenite's client,
-//! then the raw socket handed back for the tool's own frame codec.
+//! address), TLS for `wss://` URLs, the WebSocket opening handshake done by
+//! tungstenite's client, then the stream handed back for the tool's own
+//! frame codec.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, Uri};
 
@@ -51,15 +60,17 @@ pub fn room_path(room: u32) -> String {
     format!("/rooms/bench-{room}")
 }
 
-/// Where to connect, parsed once from the `ws://` URL.
+/// Where to connect, parsed once from the `ws://` or `wss://` URL.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub url: String,
     pub addr: SocketAddr,
-    /// `ws://host:port`, for URLs with another path (rooms).
+    /// `ws://host:port` (or `wss://`), for URLs with another path (rooms).
     origin: String,
     /// `?...` of the URL, or empty.
     query: String,
+    /// `wss://`: the TLS client settings and the name the server is asked for.
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
 impl Target {
@@ -67,16 +78,23 @@ impl Target {
         let uri: Uri = url
             .parse()
             .with_context(|| format!("invalid URL {url:?}"))?;
-        match uri.scheme_str() {
-            Some("ws") => {}
-            Some("wss") => bail!("wss:// is not supported: benchmark plain ws:// on loopback"),
-            _ => bail!("URL must start with ws:// (got {url:?})"),
-        }
+        let secure = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => bail!("URL must start with ws:// or wss:// (got {url:?})"),
+        };
         let host = uri
             .host()
             .ok_or_else(|| anyhow!("URL has no host: {url:?}"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let tls = if secure {
+            let name = ServerName::try_from(host.to_string())
+                .with_context(|| format!("{host:?} is not a name TLS can ask for"))?;
+            Some((any_certificate_config()?, name))
+        } else {
+            None
+        };
         let addr = tokio::net::lookup_host((host, port))
             .await
             .with_context(|| format!("cannot resolve {host}"))?
@@ -88,9 +106,15 @@ impl Target {
         Ok(Target {
             url: url.to_string(),
             addr,
-            origin: format!("ws://{authority}"),
+            origin: format!("{}://{authority}", if secure { "wss" } else { "ws" }),
             query: uri.query().map(|q| format!("?{q}")).unwrap_or_default(),
+            tls,
         })
+    }
+
+    /// Whether connections speak TLS (`wss://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The URL to connect to: the one given, or for a room its path
@@ -134,19 +158,19 @@ pub struct ConnectOpts {
     pub protocol: Protocol,
 }
 
-/// Opens one WebSocket connection and returns the raw socket, positioned
-/// right after the server's handshake response.
+/// Opens one WebSocket connection and returns the stream, positioned right
+/// after the server's handshake response.
 pub async fn connect(
     target: &Target,
     opts: ConnectOpts,
     timeout: Duration,
-) -> anyhow::Result<TcpStream> {
+) -> anyhow::Result<Stream> {
     tokio::time::timeout(timeout, connect_inner(target, opts))
         .await
         .map_err(|_| anyhow!("connect + handshake timed out after {timeout:?}"))?
 }
 
-async fn connect_inner(target: &Target, opts: ConnectOpts) -> anyhow::Result<TcpStream> {
+async fn connect_inner(target: &Target, opts: ConnectOpts) -> anyhow::Result<Stream> {
     let sock = if target.addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -163,6 +187,16 @@ async fn connect_inner(target: &Target, opts: ConnectOpts) -> anyhow::Result<Tcp
         .await
         .with_context(|| format!("connect {}", target.addr))?;
     stream.set_nodelay(true)?;
+    let stream = match &target.tls {
+        None => Stream::Plain(stream),
+        Some((config, name)) => {
+            let tls = TlsConnector::from(config.clone())
+                .connect(name.clone(), stream)
+                .await
+                .with_context(|| format!("TLS handshake with {}", target.addr))?;
+            Stream::Tls(Box::new(tls))
+        }
+    };
     let url = target.url_for(opts.room);
     let mut req = url
         .as_str()
@@ -229,15 +263,20 @@ pub fn check_subprotocol(asked: Protocol, echoed: Option<&[u8]>) -> anyhow::Resu
 /// sent right after the 101 would be lost, or worse, cut in half. So reads
 /// here first peek, and consume only up to the end of the head. This only
 /// finds the end of the head; tungstenite parses and checks the response.
+///
+/// Over TLS there is no peeking at the plaintext: reads there ask for at
+/// most as many bytes as the terminator still needs, which can never go
+/// past it, and cost nothing much (rustls hands them out of the record it
+/// has already decrypted).
 pub struct HeadOnly {
-    inner: TcpStream,
+    inner: Stream,
     /// How many bytes of "\r\n\r\n" the bytes consumed so far end with.
     matched: u8,
     done: bool,
 }
 
 impl HeadOnly {
-    fn new(inner: TcpStream) -> Self {
+    fn new(inner: Stream) -> Self {
         HeadOnly {
             inner,
             matched: 0,
@@ -245,7 +284,7 @@ impl HeadOnly {
         }
     }
 
-    pub fn into_inner(self) -> TcpStream {
+    pub fn into_inner(self) -> Stream {
         self.inner
     }
 }
@@ -282,10 +321,25 @@ impl AsyncRead for HeadOnly {
             // ask again, it would only get what belongs to the frames.
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
+        let tcp = match &mut this.inner {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => {
+                let want = buf.remaining().min(usize::from(4 - this.matched));
+                let mut small = [0u8; 4];
+                let mut sb = ReadBuf::new(&mut small[..want]);
+                std::task::ready!(Pin::new(tls.as_mut()).poll_read(cx, &mut sb))?;
+                let got = sb.filled();
+                let (_, matched) = scan_head_end(got, this.matched);
+                this.matched = matched;
+                this.done = matched == 4;
+                buf.put_slice(got);
+                return Poll::Ready(Ok(()));
+            }
+        };
         let mut peek = [0u8; 1024];
         let want = buf.remaining().min(peek.len());
         let mut pb = ReadBuf::new(&mut peek[..want]);
-        match this.inner.poll_peek(cx, &mut pb) {
+        match tcp.poll_peek(cx, &mut pb) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Ready(Ok(_)) => {}
@@ -299,7 +353,7 @@ impl AsyncRead for HeadOnly {
         let mut got = 0;
         while got < take {
             let dst = buf.initialize_unfilled_to(take - got);
-            match this.inner.try_read(dst) {
+            match tcp.try_read(dst) {
                 Ok(0) => break,
                 Ok(n) => {
                     got += n;
@@ -343,6 +397,187 @@ impl AsyncWrite for HeadOnly {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A connection to the server: plain TCP, or TLS over it for `wss://`.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// The read side of a [`Stream`], for the connection's reader task.
+pub enum ReadHalf {
+    Plain(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+/// The write side of a [`Stream`], shared by the connection's writers.
+pub enum WriteHalf {
+    Plain(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Splits the stream so one task reads while others write. Plain TCP
+    /// splits for free; a TLS session is one state for both directions, so
+    /// its halves share it behind tokio's lock.
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Plain(tcp) => {
+                let (r, w) = tcp.into_split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            Stream::Tls(tls) => {
+                let (r, w) = tokio::io::split(*tls);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// TLS client settings for `wss://` that accept any certificate: a load
+/// generator on loopback measures the server's TLS, it does not vouch for
+/// its identity (the certificate is usually made for the run). Handshake
+/// signatures are still checked, so the session's keys are real.
+fn any_certificate_config() -> anyhow::Result<Arc<ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Accepts whatever certificate the server shows (see
+/// [`any_certificate_config`]).
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -398,6 +633,18 @@ mod tests {
             t.url_for(Some(0)),
             "ws://127.0.0.1:9/rooms/bench-0?since=3&epoch=e"
         );
+    }
+
+    #[tokio::test]
+    async fn wss_urls_speak_tls_on_port_443_by_default() {
+        let t = Target::resolve("wss://127.0.0.1/").await.unwrap();
+        assert!(t.is_tls());
+        assert_eq!(t.addr.port(), 443);
+        assert_eq!(t.url_for(Some(2)), "wss://127.0.0.1/rooms/bench-2");
+        let t = Target::resolve("ws://127.0.0.1/").await.unwrap();
+        assert!(!t.is_tls());
+        assert_eq!(t.addr.port(), 80);
+        assert!(Target::resolve("http://127.0.0.1/").await.is_err());
     }
 
     #[test]

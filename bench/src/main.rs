@@ -9,7 +9,7 @@ use hubbub_bench::conn::Protocol;
 
 use hubbub_bench::floor::{self, FloorCfg};
 use hubbub_bench::report::Report;
-use hubbub_bench::run::{self, Common, FanoutCfg, IdleCfg, SaturateCfg};
+use hubbub_bench::run::{self, Common, FanoutCfg, FloodCfg, IdleCfg, SaturateCfg};
 use hubbub_bench::{churn, compare, sys};
 
 /// Load generator for broadcast WebSocket servers (hubbub or any server that
@@ -34,6 +34,11 @@ enum Mode {
     /// Opens N idle connections and holds them; with --server-pid reports
     /// the server's RSS per connection.
     Idle(IdleArgs),
+    /// One client sends as fast as it can; N readers read everything at a
+    /// modest pace. Reports what the flooder sent, what the server relayed,
+    /// whether the flooder was closed, and each reader's delivery ratio
+    /// (received / relayed) and close code if it was disconnected.
+    Flood(FloodArgs),
     /// The fan-out with no server: T threads write one frame to each of N
     /// loopback sockets R times a second, one thread reads them all. Its
     /// latency is the least any server could show on this machine.
@@ -102,7 +107,8 @@ impl From<ProtocolArg> for Protocol {
 
 #[derive(Args, Debug, Clone)]
 struct CommonArgs {
-    /// WebSocket URL of the server (ws:// only).
+    /// WebSocket URL of the server: ws://, or wss:// (TLS; any certificate
+    /// is accepted: the run measures the server's TLS, not its identity).
     #[arg(long, default_value = "ws://127.0.0.1:8081/")]
     url: String,
     /// What the clients speak: raw (no subprotocol) or hubbub.v1 (JSON
@@ -210,6 +216,29 @@ struct SaturateArgs {
     duration: f64,
     /// Seconds to wait for outstanding deliveries after the senders stop.
     #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+}
+
+#[derive(Args, Debug)]
+struct FloodArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Readers (N); the flooder is one more connection.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    readers: usize,
+    /// Message size in bytes (B, at least 36).
+    #[arg(short = 'b', long, default_value_t = 64)]
+    size: usize,
+    /// Messages per second each reader reads at most (a person's tab
+    /// rendering every message, not a benchmark client).
+    #[arg(long, default_value_t = 1000.0)]
+    read_rate: f64,
+    /// Seconds the flooder sends at most (it stops when the server closes it).
+    #[arg(short = 'd', long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds to wait after the flood for the readers to read what was
+    /// relayed.
+    #[arg(long, default_value_t = 30.0)]
     drain: f64,
 }
 
@@ -357,6 +386,18 @@ fn main() -> anyhow::Result<()> {
                 drain: secs(a.drain, "--drain")?,
             };
             let report = runtime(common.threads)?.block_on(run::saturate(&common, &cfg))?;
+            emit(&report, &a.common.out)
+        }
+        Mode::Flood(a) => {
+            let common = common_of(&a.common)?;
+            let cfg = FloodCfg {
+                readers: a.readers,
+                size: a.size,
+                read_rate: a.read_rate,
+                duration: secs(a.duration, "--duration")?,
+                drain: secs(a.drain, "--drain")?,
+            };
+            let report = runtime(common.threads)?.block_on(run::flood(&common, &cfg))?;
             emit(&report, &a.common.out)
         }
         Mode::Idle(a) => {

@@ -125,6 +125,23 @@ pub struct Report {
     /// Close codes received, by code ("none" = connection dropped without one).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub close_codes: BTreeMap<String, u64>,
+    /// Flood: messages per second each reader reads at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_rate: Option<f64>,
+    /// Flood: the flooder's messages the server relayed (the most any
+    /// connection received, the flooder's own echoes included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relayed: Option<u64>,
+    /// Flood: the close code the flooder got ("none" = the connection ended
+    /// without one); absent if it was still open at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flooder_closed: Option<String>,
+    /// Flood: the lowest reader's delivery ratio (received / relayed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reader_ratio_min: Option<f64>,
+    /// Flood: readers that received everything relayed (ratio 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readers_complete: Option<u64>,
     /// Idle: connections still open at the end of the hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub still_open: Option<u64>,
@@ -240,11 +257,41 @@ impl Report {
             opt(self.max_lag, |l| format!("{} messages", thousands(l))),
         ));
         rows.push(("message size", opt(self.size, |s| format!("{s} B"))));
+        rows.push((
+            "read rate per reader",
+            opt(self.read_rate, |r| format!("{r} msg/s at most")),
+        ));
         rows.push(("measured", Some(format!("{:.2} s", self.measured_secs))));
         rows.push(("sent", opt(self.sent, thousands)));
         rows.push((
             "send rate",
             opt(self.send_rate, |r| format!("{} msg/s", rate(r))),
+        ));
+        rows.push((
+            "relayed by the server",
+            opt(self.relayed, |r| {
+                format!("{} of the flooder's messages", thousands(r))
+            }),
+        ));
+        rows.push((
+            "flooder closed by server",
+            self.relayed.map(|_| {
+                self.flooder_closed
+                    .as_ref()
+                    .map_or("no (still open)".to_string(), |c| format!("yes, code {c}"))
+            }),
+        ));
+        rows.push((
+            "readers with everything",
+            match (self.readers_complete, self.readers) {
+                (Some(c), Some(r)) => Some(format!(
+                    "{} of {} (lowest delivery ratio {:.6})",
+                    thousands(c),
+                    thousands(r),
+                    self.reader_ratio_min.unwrap_or(1.0)
+                )),
+                _ => None,
+            },
         ));
         rows.push((
             "received / expected",

@@ -9,13 +9,11 @@ use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 
 use crate::account::{Account, AccountCfg};
-use crate::conn::{self, ConnectOpts, Protocol, Target};
+use crate::conn::{self, ConnectOpts, Protocol, ReadHalf, Stream, Target, WriteHalf};
 use crate::frame::{self, FrameReader, MaskGen};
 use crate::latency;
 use crate::payload::{self, Header};
@@ -125,6 +123,19 @@ pub struct IdleCfg {
     pub hold: Duration,
 }
 
+#[derive(Debug, Clone)]
+pub struct FloodCfg {
+    /// Connections that only read (N); the flooder is one more.
+    pub readers: usize,
+    pub size: usize,
+    /// Messages per second each reader reads at most.
+    pub read_rate: f64,
+    /// Longest the flooder sends (it stops sooner if the server closes it).
+    pub duration: Duration,
+    /// Longest wait, after the flood, for the readers to catch up.
+    pub drain: Duration,
+}
+
 /// Counters one connection shares with the coordinator. Written by one task
 /// with plain stores, read by the sampler: no contended read-modify-write.
 #[derive(Debug, Default)]
@@ -149,6 +160,9 @@ struct ReaderCtx {
     acct: AccountCfg,
     read_buf: usize,
     max_frame: usize,
+    /// Read at most this many messages a second (flood's readers: ordinary
+    /// clients that take their time); `None` reads as fast as they come.
+    read_rate: Option<f64>,
 }
 
 impl ReaderCtx {
@@ -169,6 +183,7 @@ impl ReaderCtx {
             },
             read_buf: common.read_buf,
             max_frame: common.max_frame,
+            read_rate: None,
         }
     }
 }
@@ -181,7 +196,7 @@ struct ReaderResult {
     error: Option<String>,
 }
 
-type Writer = Arc<Mutex<OwnedWriteHalf>>;
+type Writer = Arc<Mutex<WriteHalf>>;
 
 fn now_ns(epoch: Instant) -> u64 {
     epoch.elapsed().as_nanos() as u64
@@ -209,7 +224,7 @@ async fn write_frame(
 /// Reads and accounts for everything the server sends on one connection
 /// until `stop` flips, the server closes, or an error.
 async fn reader_task(
-    mut rd: OwnedReadHalf,
+    mut rd: ReadHalf,
     wr: Writer,
     ctx: ReaderCtx,
     shared: Arc<Shared>,
@@ -224,6 +239,8 @@ async fn reader_task(
     let mut in_frag = false;
     let mut server_closed = None;
     let mut error = None;
+    // A paced reader's clock starts with the first message it reads.
+    let mut paced_since: Option<Instant> = None;
 
     'outer: loop {
         if *stop.borrow() {
@@ -297,6 +314,20 @@ async fn reader_task(
         if acct.confirmed != confirmed_before {
             shared.confirmed.store(acct.confirmed, Ordering::Release);
             shared.confirm.notify_one();
+        }
+        if let Some(rate) = ctx.read_rate {
+            // Ahead of its pace: wait before the next read, and let the
+            // server hold what comes meanwhile (as a busy client would).
+            let got = acct.received();
+            if got > 0 {
+                let since = *paced_since.get_or_insert_with(Instant::now);
+                let due = since + Duration::from_secs_f64(got as f64 / rate);
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                }
+            }
         }
     }
     shared.received.store(acct.received(), Ordering::Relaxed);
@@ -519,7 +550,7 @@ struct Client {
     writer: Writer,
     reader: Option<JoinHandle<ReaderResult>>,
     /// A slow client keeps its read half unread until the end.
-    unread: Option<OwnedReadHalf>,
+    unread: Option<ReadHalf>,
 }
 
 fn progress_bar(show: bool, len: u64, what: &str) -> ProgressBar {
@@ -553,10 +584,10 @@ async fn ramp(
     target: &Target,
     count: usize,
     opts_for: impl Fn(usize) -> ConnectOpts,
-) -> (Vec<Option<TcpStream>>, Vec<String>, f64) {
+) -> (Vec<Option<Stream>>, Vec<String>, f64) {
     let pb = progress_bar(common.progress, count as u64, "connecting");
     let started = Instant::now();
-    let mut out: Vec<Option<TcpStream>> = Vec::with_capacity(count);
+    let mut out: Vec<Option<Stream>> = Vec::with_capacity(count);
     let mut errors = Vec::new();
     let batch = common.batch.max(1);
     let mut i = 0;
@@ -569,7 +600,7 @@ async fn ramp(
             let timeout = common.connect_timeout;
             set.spawn(async move { (j, conn::connect(&t, opts, timeout).await) });
         }
-        let mut got: Vec<(usize, anyhow::Result<TcpStream>)> = Vec::with_capacity(end - i);
+        let mut got: Vec<(usize, anyhow::Result<Stream>)> = Vec::with_capacity(end - i);
         while let Some(r) = set.join_next().await {
             match r {
                 Ok(x) => got.push(x),
@@ -744,10 +775,7 @@ async fn collect(readers: Vec<JoinHandle<ReaderResult>>, sent: &[u64], latency: 
 
 /// Reads a client that never read until the server's close (or EOF), or
 /// `deadline`: was it disconnected by the server, and with which code?
-async fn probe_closed(
-    mut rd: OwnedReadHalf,
-    deadline: tokio::time::Instant,
-) -> Option<Option<u16>> {
+async fn probe_closed(mut rd: ReadHalf, deadline: tokio::time::Instant) -> Option<Option<u16>> {
     let mut fr = FrameReader::new(64 * 1024, 16 << 20);
     loop {
         let n = match tokio::time::timeout_at(deadline, rd.read(fr.spare())).await {
@@ -845,6 +873,8 @@ async fn connect_clients(
                     room: common.room_of(i),
                     ..ctx.acct
                 },
+                // A sender reads its echoes as they come.
+                read_rate: if i < senders { None } else { ctx.read_rate },
                 ..ctx
             };
             let h = tokio::spawn(reader_task(
@@ -1237,6 +1267,236 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     Ok(report)
 }
 
+/// Frames the flooder writes at once: one write of a few KiB per batch.
+const FLOOD_BATCH: u64 = 64;
+
+/// Sends as fast as the socket takes it, in batches of [`FLOOD_BATCH`],
+/// until `stop`, the server closes the connection (its reader saw the close
+/// or a write fails), or `until`. Returns the messages written in whole
+/// batches.
+#[allow(clippy::too_many_arguments)]
+async fn flood_writer(
+    wr: Writer,
+    run: u16,
+    epoch: Instant,
+    size: usize,
+    until: tokio::time::Instant,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> u64 {
+    let mut body = sender_body(size, run, 0);
+    let mut out = Vec::with_capacity((size + 16) * FLOOD_BATCH as usize);
+    let mut masks = MaskGen::new(seed());
+    let mut seq = 0u64;
+    while !*stop.borrow() && !shared.closed.load(Ordering::Relaxed) {
+        out.clear();
+        let ts = now_ns(epoch);
+        for i in 0..FLOOD_BATCH {
+            payload::restamp(&mut body, seq + i, ts);
+            frame::encode_frame(&mut out, frame::OP_TEXT, &body, masks.next_mask());
+        }
+        let written = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep_until(until) => break,
+            w = async { wr.lock().await.write_all(&out).await } => w,
+        };
+        if written.is_err() {
+            break; // the server closed it: the flood is over
+        }
+        seq += FLOOD_BATCH;
+        shared.sent.store(seq, Ordering::Relaxed);
+    }
+    seq
+}
+
+/// `flood`: one client sends as fast as it can, `readers` ordinary clients
+/// read everything at `read_rate` at most. What a broadcast server with
+/// per-connection limits should show: the flooder limited (or closed),
+/// every reader still connected with everything the server relayed.
+pub async fn flood(common: &Common, cfg: &FloodCfg) -> anyhow::Result<Report> {
+    check_message_size(cfg.size)?;
+    check_rooms(common)?;
+    if common.room_count() > 1 {
+        bail!("flood runs in one room (the URL's, or --rooms 1)");
+    }
+    if cfg.readers == 0 {
+        bail!("need at least one reader");
+    }
+    if !(cfg.read_rate > 0.0 && cfg.read_rate.is_finite()) {
+        bail!("--read-rate must be a positive number of messages per second");
+    }
+    let _ = sys::raise_nofile_limit();
+    let target = Target::resolve(&common.url).await?;
+    let mut report = base_report("flood", common, cfg.readers + 1);
+    report.senders = Some(1);
+    report.size = Some(cfg.size as u64);
+    report.read_rate = Some(cfg.read_rate);
+
+    let ctx = ReaderCtx {
+        read_rate: Some(cfg.read_rate),
+        ..ReaderCtx::timed(common, 1, cfg.size)
+    };
+    let (epoch, run) = (ctx.epoch, ctx.acct.run);
+    let (stop_readers_tx, stop_readers) = watch::channel(false);
+    // Client 0 is the flooder; 1..=readers read.
+    let mut clients = connect_clients(
+        common,
+        &target,
+        cfg.readers + 1,
+        1,
+        0,
+        None,
+        ctx,
+        &stop_readers,
+        &mut report,
+    )
+    .await?;
+    let everyone: Vec<Arc<Shared>> = clients.iter().map(|c| c.shared.clone()).collect();
+    let readers = everyone[1..].to_vec();
+    report.readers = Some(readers.len() as u64);
+
+    let (stop_flood_tx, stop_flood) = watch::channel(false);
+    let sampler = Sampler::start(
+        readers.clone(),
+        common.server_pid,
+        Arc::new(AtomicBool::new(true)),
+        stop_readers.clone(),
+    );
+    let cpu = CpuMark::now(common.server_pid);
+    let t0 = Instant::now();
+    let until = tokio::time::Instant::now() + cfg.duration;
+    let flooder = tokio::spawn(flood_writer(
+        clients[0].writer.clone(),
+        run,
+        epoch,
+        cfg.size,
+        until,
+        clients[0].shared.clone(),
+        stop_flood,
+    ));
+    let abort = flooder.abort_handle();
+    let sent = match tokio::time::timeout(cfg.duration + Duration::from_secs(5), flooder).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => bail!("flooder task: {e}"),
+        Err(_) => {
+            abort.abort();
+            report
+                .errors
+                .push("flooder: still blocked writing 5 s after the end".into());
+            clients[0].shared.sent.load(Ordering::Relaxed)
+        }
+    };
+    let _ = stop_flood_tx.send(true);
+    let measured = t0.elapsed().as_secs_f64();
+    finish_cpu(&mut report, &cpu, common.server_pid);
+
+    // What the server relayed: the flooder's messages that reached anyone
+    // (its own echoes included). Wait for every open reader to have all of
+    // them (a paced reader takes relayed / read_rate seconds), once that
+    // number is final: no connection has received anything for half a
+    // second (longer than a paced reader's pause between two reads).
+    let counts = || -> Vec<u64> {
+        everyone
+            .iter()
+            .map(|c| c.received.load(Ordering::Relaxed))
+            .collect()
+    };
+    let deadline = Instant::now() + cfg.drain;
+    let (mut last, mut last_moved) = (counts(), Instant::now());
+    loop {
+        let now = counts();
+        if now != last {
+            (last, last_moved) = (now, Instant::now());
+        }
+        let relayed = last.iter().copied().max().unwrap_or(0);
+        let behind = readers.iter().any(|r| {
+            !r.closed.load(Ordering::Relaxed) && r.received.load(Ordering::Relaxed) < relayed
+        });
+        let settled = last_moved.elapsed() >= Duration::from_millis(500);
+        if (!behind && settled) || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop_readers_tx.send(true);
+    let mut handles: Vec<_> = clients.iter_mut().filter_map(|c| c.reader.take()).collect();
+    let flooder_result = handles.remove(0).await;
+    let mut results = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.await {
+            Ok(r) => results.push(r),
+            Err(e) => report.errors.push(format!("reader task: {e}")),
+        }
+    }
+    say_goodbye(clients.iter().map(|c| &c.writer)).await;
+    let s = sampler.handle.await.unwrap_or_default();
+
+    let relayed = results
+        .iter()
+        .map(|r| r.acct.received())
+        .chain(flooder_result.as_ref().ok().map(|r| r.acct.received()))
+        .max()
+        .unwrap_or(0);
+    match &flooder_result {
+        Ok(r) => {
+            report.flooder_closed = r.server_closed.map(code_key);
+            if let Some(e) = &r.error {
+                report.errors.push(format!("flooder: {e}"));
+            }
+        }
+        Err(e) => report.errors.push(format!("flooder reader task: {e}")),
+    }
+    let mut c = Collected {
+        hist: Some(latency::new_total_histogram()),
+        ..Collected::default()
+    };
+    let mut ratios = Vec::with_capacity(results.len());
+    for r in &results {
+        let got = r.acct.received();
+        ratios.push(if relayed == 0 {
+            1.0
+        } else {
+            got as f64 / relayed as f64
+        });
+        let counts = r.acct.summary(&[0]).counts;
+        c.counts += counts;
+        c.foreign += r.acct.foreign;
+        if let (Some(total), Some(part)) = (c.hist.as_mut(), r.acct.histogram()) {
+            latency::merge_into(total, part);
+        }
+        if let Some(code) = r.server_closed {
+            c.closed_by_server += 1;
+            *c.close_codes.entry(code_key(code)).or_default() += 1;
+        }
+        if let Some(e) = &r.error {
+            if c.errors.len() < 5 {
+                c.errors.push(e.clone());
+            }
+        }
+    }
+    let expected = relayed * results.len() as u64;
+    report.sent = Some(sent);
+    report.send_rate = Some(sent as f64 / measured);
+    report.relayed = Some(relayed);
+    report.expected = Some(expected);
+    report.received = Some(c.counts.unique);
+    report.delivery_ratio = tracker::delivery_ratio(c.counts.unique, relayed, results.len() as u64);
+    report.reader_ratio_min = ratios.iter().copied().reduce(f64::min);
+    report.readers_complete = Some(ratios.iter().filter(|&&r| r >= 1.0).count() as u64);
+    report.reordered = Some(c.counts.reordered);
+    report.duplicates = Some(c.counts.duplicates);
+    report.foreign = Some(c.foreign);
+    report.latency = c.hist.as_ref().and_then(latency::summarize);
+    report.closed_by_server = Some(c.closed_by_server);
+    report.close_codes = c.close_codes;
+    report.errors.extend(c.errors);
+    report.measured_secs = measured;
+    report.server_rss_kib_after = common.server_pid.and_then(sys::proc_rss_kib);
+    report.server_rss_kib_max = max_opt(s.rss_max, report.server_rss_kib_after);
+    Ok(report)
+}
+
 /// `idle`: open N connections, hold them, measure the server's memory.
 pub async fn idle(common: &Common, cfg: &IdleCfg) -> anyhow::Result<Report> {
     let limit = sys::raise_nofile_limit().context("raising the open-files limit")?;
@@ -1265,6 +1525,7 @@ pub async fn idle(common: &Common, cfg: &IdleCfg) -> anyhow::Result<Report> {
         },
         read_buf: common.read_buf,
         max_frame: common.max_frame,
+        read_rate: None,
     };
     let (stop_tx, stop) = watch::channel(false);
     let ips = source_ips_for(common, cfg.clients);

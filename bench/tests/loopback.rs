@@ -16,16 +16,45 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use hubbub_bench::conn::Protocol;
-use hubbub_bench::run::{self, Common, FanoutCfg, IdleCfg, SaturateCfg};
+use hubbub_bench::run::{self, Common, FanoutCfg, FloodCfg, IdleCfg, SaturateCfg};
 
 #[derive(Clone, Copy, Default)]
 struct ServerOpts {
     /// Forward to each connection only the data messages whose per-connection
     /// index i has i % drop_every != drop_every - 1 (0 = forward all).
     drop_every: u64,
+    /// A rate limit of sorts: relay only the first `relay_first` data
+    /// messages of each connection (0 = all), and close it with 1008 once it
+    /// has sent `close_after_refused` more.
+    relay_first: u64,
+    close_after_refused: u64,
+    /// Speak TLS (wss://) with a certificate made for the test.
+    tls: bool,
+}
+
+/// What a connection runs over: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A TLS acceptor with a self-signed certificate for 127.0.0.1.
+fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![made.cert.der().clone()], key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 struct TestServer {
@@ -42,6 +71,7 @@ async fn start_server(opts: ServerOpts) -> TestServer {
     let (tx, _) = broadcast::channel::<Message>(1 << 16);
     let pongs = Arc::new(AtomicU64::new(0));
     let p = pongs.clone();
+    let acceptor = opts.tls.then(tls_acceptor);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -49,8 +79,16 @@ async fn start_server(opts: ServerOpts) -> TestServer {
             };
             let tx = tx.clone();
             let pongs = p.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let mut rx = tx.subscribe();
+                let stream: Box<dyn Io> = match acceptor {
+                    None => Box::new(stream),
+                    Some(a) => match a.accept(stream).await {
+                        Ok(tls) => Box::new(tls),
+                        Err(_) => return,
+                    },
+                };
                 let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
                     return;
                 };
@@ -68,10 +106,29 @@ async fn start_server(opts: ServerOpts) -> TestServer {
                     return;
                 }
                 let mut index = 0u64;
+                let mut taken = 0u64;
                 loop {
                     tokio::select! {
                         m = stream.next() => match m {
-                            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => { let _ = tx.send(m); }
+                            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                                taken += 1;
+                                if opts.relay_first == 0 || taken <= opts.relay_first {
+                                    let _ = tx.send(m);
+                                } else if taken - opts.relay_first > opts.close_after_refused {
+                                    let close = CloseFrame { code: CloseCode::Policy, reason: "rate limit exceeded".into() };
+                                    let _ = sink.send(Message::Close(Some(close))).await;
+                                    // Read on until the client's close (or EOF), as a real
+                                    // server's closing handshake does: closing a socket
+                                    // with unread data resets it, and the reset would
+                                    // discard the close frame on its way.
+                                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                                        while let Some(Ok(m)) = stream.next().await {
+                                            if m.is_close() { break; }
+                                        }
+                                    }).await;
+                                    return;
+                                }
+                            }
                             Some(Ok(Message::Pong(p))) => {
                                 assert_eq!(&p[..], b"are you there");
                                 pongs.fetch_add(1, Ordering::Relaxed);
@@ -149,10 +206,54 @@ async fn fanout_delivers_everything_exactly_once() {
     assert_eq!(back.received, Some(450));
 }
 
+/// The same over wss://: the tool's TLS client, the handshake head read
+/// without swallowing the greeting behind it, exact counts, pings answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_and_saturate_over_wss() {
+    let srv = start_server(ServerOpts {
+        tls: true,
+        ..ServerOpts::default()
+    })
+    .await;
+    let mut c = common(srv.addr);
+    c.url = format!("wss://{}/", srv.addr);
+    let r = run::fanout(&c, &fanout_cfg(4, 2, 30)).await.unwrap();
+    assert_eq!(r.url, format!("wss://{}/", srv.addr));
+    assert_eq!(r.connected, 4);
+    assert_eq!(r.sent, Some(60));
+    assert_eq!(r.received, Some(60 * 4));
+    assert_eq!(r.delivery_ratio, Some(1.0));
+    assert_eq!(
+        (r.lost, r.reordered, r.duplicates),
+        (Some(0), Some(0), Some(0))
+    );
+    assert_eq!(r.foreign, Some(4), "the greeting, once per client");
+    assert_eq!(srv.pongs.load(Ordering::Relaxed), 4);
+    let cfg = SaturateCfg {
+        clients: 4,
+        senders: 2,
+        size: 64,
+        window: 8,
+        max_lag: 200,
+        warmup: Duration::from_millis(100),
+        duration: Duration::from_millis(300),
+        drain: Duration::from_secs(5),
+    };
+    let r = run::saturate(&c, &cfg).await.unwrap();
+    let sent = r.sent.unwrap();
+    assert!(sent > 0);
+    assert_eq!(r.received, Some(sent * 4));
+    assert_eq!(r.lost, Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_counts_exactly_what_a_lossy_server_drops() {
     // The server drops every 7th message it forwards to each connection.
-    let srv = start_server(ServerOpts { drop_every: 7 }).await;
+    let srv = start_server(ServerOpts {
+        drop_every: 7,
+        ..ServerOpts::default()
+    })
+    .await;
     let r = run::fanout(&common(srv.addr), &fanout_cfg(4, 2, 21))
         .await
         .unwrap();
@@ -254,6 +355,58 @@ async fn saturate_with_60k_messages_reports_mb_in_and_server_cpu() {
         close(back.server_cpu_secs, cpu),
         "{:?} vs {cpu}",
         back.server_cpu_secs
+    );
+}
+
+/// A server that relays 50 of the flooder's messages and closes it with
+/// 1008 after 20 more: the report says exactly that, and that every paced
+/// reader got all 50 and stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_reports_what_was_relayed_and_who_was_closed() {
+    let srv = start_server(ServerOpts {
+        relay_first: 50,
+        close_after_refused: 20,
+        ..ServerOpts::default()
+    })
+    .await;
+    let cfg = FloodCfg {
+        readers: 5,
+        size: 64,
+        // 256-byte reads hold at most 3 messages: 50 at 200/s take 0.2 s.
+        read_rate: 200.0,
+        duration: Duration::from_secs(10),
+        drain: Duration::from_secs(10),
+    };
+    let started = std::time::Instant::now();
+    let r = run::flood(&common(srv.addr), &cfg).await.unwrap();
+    assert_eq!(r.mode, "flood");
+    assert_eq!(r.connected, 6);
+    assert_eq!(r.readers, Some(5));
+    assert!(r.sent.unwrap() >= 70, "{:?}", r.sent);
+    assert_eq!(r.relayed, Some(50));
+    assert_eq!(r.flooder_closed.as_deref(), Some("1008"));
+    assert_eq!(r.expected, Some(250));
+    assert_eq!(r.received, Some(250));
+    assert_eq!(r.delivery_ratio, Some(1.0));
+    assert_eq!(r.reader_ratio_min, Some(1.0));
+    assert_eq!(r.readers_complete, Some(5));
+    assert_eq!(r.closed_by_server, Some(0));
+    assert!(r.close_codes.is_empty(), "{:?}", r.close_codes);
+    assert_eq!((r.reordered, r.duplicates), (Some(0), Some(0)));
+    // The greeting is not the run's: foreign, one per reader.
+    assert_eq!(r.foreign, Some(5));
+    // The readers kept their pace (a lower bound only: a slow machine
+    // takes longer, never less).
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    let table = r.to_table();
+    assert!(table.contains("yes, code 1008"), "{table}");
+    assert!(
+        table.contains("5 of 5 (lowest delivery ratio 1.000000)"),
+        "{table}"
     );
 }
 
