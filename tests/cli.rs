@@ -1443,3 +1443,21 @@ async fn churn_leaves_the_process_memory_and_descriptors_as_they_were() {
 
 /// How far the server's RSS may grow over 10,000 churn cycles once warm.
 const CHURN_RSS_MARGIN_KIB: u64 = 1024;
+
+#[test]
+fn a_bad_redis_url_exits_2_naming_the_key() {
+    let mut cmd = hubbub();
+    cmd.args(["--redis-url", "http://127.0.0.1:6379/"]);
+    config_error(cmd, &["flag --redis-url", "key `redis_url`", "redis://"]);
+    let file = TempFile::new("[cluster]\nkey_prefix = \"x:\"\nredis_url = \"redis://:secret@\"\n");
+    let mut cmd = hubbub();
+    cmd.args(["--config", &file.arg()]);
+    let stderr = config_error(cmd, &[&format!("{}:3:", file.arg()), "key `redis_url`"]);
+    assert!(
+        !stderr.contains("secret"),
+        "no password in errors: {stderr}"
+    );
+    let mut cmd = hubbub();
+    cmd.env("HUBBUB_OUTBOX_SIZE", "0");
+    config_error(cmd, &["HUBBUB_OUTBOX_SIZE", "key `outbox_size`"]);
+}

@@ -655,3 +655,53 @@ async fn behind_nginx_clients_of_a_stopped_node_resume_on_another() {
         assert_eq!(texts(&got), ["while you were away", "back"]);
     }
 }
+
+/// No Redis at all behind the URL: the node starts all the same (not
+/// fatal), is alive but not ready, and a v1 client that joins waits for the
+/// room rather than being refused or crashing anything.
+#[tokio::test]
+async fn an_unreachable_redis_at_start_up_is_not_fatal() {
+    let port = common::redis::free_port();
+    let node = TestServer::start(Config {
+        redis_url: Some(format!("redis://127.0.0.1:{port}/")),
+        ..Config::ephemeral()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(http_get(node.http, "/healthz").await.0, 200);
+    assert_eq!(readyz(&node).await, 503);
+    assert_eq!(node.metric("hubbub_cluster_connected").await, 0);
+    let mut ws = connect_to(node.ws, "/rooms/later", true)
+        .await
+        .expect("the handshake succeeds");
+    assert!(
+        timeout(Duration::from_millis(300), next_text(&mut ws))
+            .await
+            .is_err(),
+        "no hello before the room is loaded"
+    );
+    node.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn two_deployments_share_one_redis_by_prefix() {
+    let redis = Redis::start();
+    let a = node(&redis).await;
+    let b = TestServer::start(Config {
+        key_prefix: "other:".into(),
+        ..node_config(&redis)
+    })
+    .await;
+    wait_ready(&b, true).await;
+    let (mut wa, _) = v1(a.ws, "/rooms/same").await;
+    let (mut wb, _) = v1(b.ws, "/rooms/same").await;
+    send_text(&mut wa, "for a").await;
+    send_text(&mut wb, "for b").await;
+    assert_eq!(v1_messages(&mut wa, 1).await, [(1, "for a".to_string())]);
+    assert_eq!(v1_messages(&mut wb, 1).await, [(1, "for b".to_string())]);
+    assert!(timeout(Duration::from_millis(500), next_text(&mut wa))
+        .await
+        .is_err());
+    assert!(redis.cli(&["EXISTS", "other:room:same:meta"]).trim() == "1");
+}
