@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::auth::Auth;
 use crate::clients::{PerAddress, Share};
 use crate::config::Config;
 use crate::listener::Acceptor;
@@ -50,6 +51,8 @@ pub struct Gateway {
     pub config: Arc<Config>,
     pub origin: OriginCheck,
     pub rooms: Arc<Rooms>,
+    /// Tokens and private rooms.
+    pub auth: Auth,
     /// Connections per client address (`max_connections_per_ip`).
     pub per_address: Arc<PerAddress>,
     /// TLS, when `tls_cert` and `tls_key` are set.
@@ -421,8 +424,28 @@ impl Gateway {
         } else {
             None
         };
-        let membership = match self.rooms.join(&target.room, id, mode, target.resume) {
-            Ok(membership) => membership,
+        let verified = match self
+            .auth
+            .admit(token(req.uri().query(), headers).as_deref(), &target.room)
+        {
+            Ok(verified) => verified,
+            Err(refusal) => {
+                self.metrics.connection_result(ConnResult::Unauthorized);
+                debug!(room = %target.room, reason = refusal.reason, "refused: token");
+                let status =
+                    StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::UNAUTHORIZED);
+                return refuse(status, &format!("{}\n", refusal.reason));
+            }
+        };
+        let identity = verified.as_ref().map(|v| v.identity.clone());
+        let membership = match self
+            .rooms
+            .join(&target.room, id, mode, target.resume, identity)
+        {
+            Ok(mut membership) => {
+                membership.expires = verified.map(|v| v.expires);
+                membership
+            }
             Err(JoinError::TooManyRooms) => {
                 self.metrics.connection_result(ConnResult::RoomLimit);
                 warn!(room = %target.room, "refused: max_rooms reached");
@@ -595,4 +618,19 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
+}
+
+/// The connection token: `?token=` (browsers cannot set headers on a
+/// WebSocket) or `Authorization: Bearer`.
+fn token(query: Option<&str>, headers: &hyper::HeaderMap) -> Option<String> {
+    let from_query = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned());
+    from_query.or_else(|| {
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string())
+    })
 }

@@ -12,6 +12,7 @@
 //! - [`listener`]: accepting TCP connections, with backoff on errors.
 //! - [`gateway`]: the WebSocket listener and the opening handshake.
 //! - [`origin`]: which browser origins may connect.
+//! - [`auth`]: signed connection tokens (JWT) and private rooms.
 //! - [`clients`]: who a connection comes from (trusted proxies) and how
 //!   many connections each address may hold.
 //! - [`protocol`]: the `hubbub.v1` protocol: what a WebSocket URL asks for
@@ -33,6 +34,7 @@
 //! - [`shutdown`]: turning SIGINT/SIGTERM into the shutdown future.
 //! - [`healthcheck`]: the `hubbub healthcheck` client used by containers.
 
+pub mod auth;
 pub mod clients;
 pub mod cluster;
 pub mod config;

@@ -21,10 +21,12 @@ pub enum ConnResult {
     RoomLimit,
     /// Its address already held `max_connections_per_ip`.
     AddressLimit,
+    /// No token, a bad one, or one that does not allow the room (401/403).
+    Unauthorized,
 }
 
 impl ConnResult {
-    const ALL: [ConnResult; 7] = [
+    const ALL: [ConnResult; 8] = [
         ConnResult::Accepted,
         ConnResult::OverCapacity,
         ConnResult::ForbiddenOrigin,
@@ -32,6 +34,7 @@ impl ConnResult {
         ConnResult::HandshakeTimeout,
         ConnResult::RoomLimit,
         ConnResult::AddressLimit,
+        ConnResult::Unauthorized,
     ];
 
     pub fn label(self) -> &'static str {
@@ -43,6 +46,7 @@ impl ConnResult {
             ConnResult::HandshakeTimeout => "handshake_timeout",
             ConnResult::RoomLimit => "room_limit",
             ConnResult::AddressLimit => "address_limit",
+            ConnResult::Unauthorized => "unauthorized",
         }
     }
 }
@@ -50,7 +54,7 @@ impl ConnResult {
 #[derive(Debug, Default)]
 pub struct Metrics {
     connections: AtomicU64,
-    connections_total: [AtomicU64; 7],
+    connections_total: [AtomicU64; 8],
     rooms: AtomicU64,
     messages_received: AtomicU64,
     deliveries: AtomicU64,

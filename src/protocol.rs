@@ -195,10 +195,15 @@ struct Envelope<'a> {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     binary: bool,
     data: std::borrow::Cow<'a, str>,
+    /// `Some(None)` is written `"from":null` (an anonymous sender); `None`
+    /// leaves the field out (no sender is ever verified on this server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<Option<&'a crate::auth::Identity>>,
 }
 
-/// A message's envelope. Encoded once per message and shared.
-pub fn message(entry: &Entry) -> Outgoing {
+/// A message's envelope. Encoded once per message and shared. `stamp`:
+/// whether it carries `from` (see `room::Settings::stamp_from`).
+pub fn message(entry: &Entry, stamp: bool) -> Outgoing {
     let (binary, data) = match &*entry.message {
         Message::Text(text) => (false, std::borrow::Cow::Borrowed(text.as_str())),
         Message::Binary(bytes) => (
@@ -213,15 +218,16 @@ pub fn message(entry: &Entry) -> Outgoing {
         ts: entry.ts,
         binary,
         data,
+        from: stamp.then_some(entry.from.as_deref()),
     })
 }
 
 /// The envelope of `entry`, encoded the first time it is needed.
-pub fn envelope_of(entry: &mut Entry) -> Outgoing {
+pub fn envelope_of(entry: &mut Entry, stamp: bool) -> Outgoing {
     if let Some(envelope) = &entry.envelope {
         return envelope.clone();
     }
-    let envelope = message(entry);
+    let envelope = message(entry, stamp);
     entry.envelope = Some(envelope.clone());
     envelope
 }
@@ -335,13 +341,13 @@ mod tests {
         let h = json(&hello("lobby", "e1", 0, 1, 16, None));
         assert!(h.get("recovered").is_none());
         let mut e = Entry::new(5, 1000, Arc::new(Message::text("hi \"there\"\n")));
-        let m = json(&envelope_of(&mut e));
+        let m = json(&envelope_of(&mut e, false));
         assert_eq!(m["data"], "hi \"there\"\n");
         assert_eq!(m["offset"], 5);
         assert_eq!(m["ts"], 1000);
         assert!(m.get("binary").is_none());
         let mut b = Entry::new(6, 1, Arc::new(Message::binary(vec![0u8, 1, 2])));
-        let m = json(&envelope_of(&mut b));
+        let m = json(&envelope_of(&mut b, false));
         assert_eq!(m["binary"], true);
         assert_eq!(m["data"], "AAEC");
         assert_eq!(json(&presence(4))["online"], 4);

@@ -35,6 +35,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::auth::Identity;
 use crate::log::{memory, Append, Entry, RoomLog, Update};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Mode, Resume};
@@ -67,6 +68,10 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub history: memory::Limits,
     pub history_on_join: usize,
+    /// Whether `hubbub.v1` message envelopes carry `from` (tokens or the
+    /// API are on); without them no sender is ever verified, and envelopes
+    /// stay as they were.
+    pub stamp_from: bool,
 }
 
 /// Presence notices go out at most this often per room; changes in between
@@ -94,6 +99,9 @@ pub struct Membership {
     /// What the peer's frames look like on the way out.
     pub mode: Mode,
     id: PeerId,
+    /// When the peer's token expires, if it joined with one: the session
+    /// closes it then with 4001.
+    pub expires: Option<std::time::SystemTime>,
 }
 
 impl Membership {
@@ -121,6 +129,7 @@ pub(crate) enum Member {
         outbound: queue::Sender,
         mode: Mode,
         resume: Option<Resume>,
+        identity: Option<Arc<Identity>>,
     },
     Leave {
         id: PeerId,
@@ -164,6 +173,7 @@ impl RoomHandle {
         id: PeerId,
         mode: Mode,
         resume: Option<Resume>,
+        identity: Option<Arc<Identity>>,
     ) -> Result<Membership, RoomClosed> {
         let (outbound_tx, outbound) = queue::bounded(self.send_queue);
         self.members
@@ -172,6 +182,7 @@ impl RoomHandle {
                 outbound: outbound_tx,
                 mode,
                 resume,
+                identity,
             })
             .map_err(|_| RoomClosed)?;
         Ok(Membership {
@@ -179,6 +190,7 @@ impl RoomHandle {
             room: self.clone(),
             mode,
             id,
+            expires: None,
         })
     }
 
@@ -247,6 +259,8 @@ pub(crate) fn new_channels(send_queue: usize) -> (RoomHandle, Inbox) {
 struct Peer {
     queue: queue::Sender,
     mode: Mode,
+    /// Who it is, when its token was verified: stamped on its messages.
+    identity: Option<Arc<Identity>>,
 }
 
 /// When the next presence notice may go out, and whether one is owed.
@@ -273,6 +287,7 @@ struct Waiting {
     queue: queue::Sender,
     mode: Mode,
     resume: Option<Resume>,
+    identity: Option<Arc<Identity>>,
 }
 
 /// A peer that broke a rule and is to be let go once the room's messages
@@ -429,7 +444,8 @@ impl<L: RoomLog> Room<L> {
                 outbound,
                 mode,
                 resume,
-            } => self.join(id, outbound, mode, resume),
+                identity,
+            } => self.join(id, outbound, mode, resume, identity),
             Member::Leave { id } => {
                 if let Some(peer) = self.peers.remove(&id) {
                     self.forget(&peer);
@@ -440,13 +456,21 @@ impl<L: RoomLog> Room<L> {
         }
     }
 
-    fn join(&mut self, id: PeerId, queue: queue::Sender, mode: Mode, resume: Option<Resume>) {
+    fn join(
+        &mut self,
+        id: PeerId,
+        queue: queue::Sender,
+        mode: Mode,
+        resume: Option<Resume>,
+        identity: Option<Arc<Identity>>,
+    ) {
         if !self.log.ready() {
             self.waiting.push(Waiting {
                 id,
                 queue,
                 mode,
                 resume,
+                identity,
             });
             return;
         }
@@ -465,11 +489,16 @@ impl<L: RoomLog> Room<L> {
                 replay.recovered,
             ));
             for entry in replay.entries {
-                queue.push_initial(protocol::envelope_of(entry));
+                queue.push_initial(protocol::envelope_of(entry, self.settings.stamp_from));
             }
             self.v1_peers += 1;
         }
-        if let Some(old) = self.peers.insert(id, Peer { queue, mode }) {
+        let peer = Peer {
+            queue,
+            mode,
+            identity,
+        };
+        if let Some(old) = self.peers.insert(id, peer) {
             self.forget(&old);
         }
         self.presence_changed();
@@ -531,7 +560,8 @@ impl<L: RoomLog> Room<L> {
     }
 
     fn publish(&mut self, from: PeerId, message: Message, at: SystemTime, now: Instant) {
-        match self.log.append(Arc::new(message), at, now) {
+        let identity = self.peers.get(&from).and_then(|p| p.identity.clone());
+        match self.log.append(Arc::new(message), identity, at, now) {
             Append::Ordered(entry) => self.deliver(entry),
             Append::Sent => {}
             Append::Refused => self.unavailable(from),
@@ -578,7 +608,7 @@ impl<L: RoomLog> Room<L> {
         }
         if update.ready || self.log.ready() {
             for w in std::mem::take(&mut self.waiting) {
-                self.join(w.id, w.queue, w.mode, w.resume);
+                self.join(w.id, w.queue, w.mode, w.resume, w.identity);
             }
         }
         for entry in update.entries {
@@ -594,7 +624,7 @@ impl<L: RoomLog> Room<L> {
     fn deliver(&mut self, entry: Entry) {
         let raw = entry.message.clone();
         let envelope = (self.v1_peers > 0).then(|| {
-            let envelope = protocol::message(&entry);
+            let envelope = protocol::message(&entry, self.settings.stamp_from);
             if let Some(kept) = self.log.get_mut(entry.offset) {
                 kept.envelope = Some(envelope.clone());
             }

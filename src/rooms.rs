@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error};
 
+use crate::auth::Identity;
 use crate::cluster::Cluster;
 use crate::log::memory::MemoryLog;
 use crate::log::redis::RedisLog;
@@ -81,6 +82,7 @@ impl Rooms {
         id: PeerId,
         mode: Mode,
         resume: Option<Resume>,
+        identity: Option<Arc<Identity>>,
     ) -> Result<Membership, JoinError> {
         let mut rooms = self.lock();
         if self.shutdown.is_cancelled() {
@@ -98,7 +100,9 @@ impl Rooms {
                 handle
             }
         };
-        handle.join(id, mode, resume).map_err(|_| JoinError::Closed)
+        handle
+            .join(id, mode, resume, identity)
+            .map_err(|_| JoinError::Closed)
     }
 
     fn start(self: &Arc<Self>, name: &str) -> RoomHandle {

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::auth::{self, Auth};
 use crate::clients::PerAddress;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::{Config, OriginPolicy};
@@ -159,6 +160,10 @@ impl Server {
                     ttl: config.history_ttl,
                 },
                 history_on_join: config.history_on_join,
+                stamp_from: config.auth_mode != auth::Mode::Off
+                    || config.jwt_public_key.is_some()
+                    || config.jwt_secret.is_some()
+                    || config.api_key.is_some(),
             },
             metrics.clone(),
             stop.clone(),
@@ -189,6 +194,14 @@ impl Server {
             config: config.clone(),
             origin,
             rooms,
+            auth: Auth::new(
+                config.auth_mode,
+                match (&config.jwt_secret, &config.jwt_public_key) {
+                    (Some(secret), _) => Some(auth::Key::secret(&secret.0)),
+                    (None, key) => key.clone(),
+                },
+                config.private_rooms.clone(),
+            ),
             per_address: PerAddress::new(config.max_connections_per_ip),
             tls: tls.clone(),
             metrics: metrics.clone(),

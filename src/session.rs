@@ -100,6 +100,9 @@ pub async fn run(ws: &mut Ws, ctx: SessionContext<'_>, joined: &mut Option<Membe
         broke: None,
         flush_owed: false,
         limit: None,
+        expiry: membership
+            .expires
+            .map(|at| Box::pin(tokio::time::sleep_until(crate::auth::deadline(at)))),
     }
     .await;
     // Leave before the closing handshake: the peer gets nothing more.
@@ -190,6 +193,8 @@ struct Serve<'a, 'c> {
     /// The peer's message rate limit, made when it first sends (an idle
     /// peer carries none).
     limit: Option<Box<Limit>>,
+    /// When its token expires (boxed, and only for peers with a token).
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A peer's message rate: a token bucket (GCRA) of `rate_limit_per_sec`
@@ -403,6 +408,15 @@ impl<'a> Future for Serve<'a, '_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
+        if let Some(expiry) = &mut this.expiry {
+            if expiry.as_mut().poll(cx).is_ready() {
+                // The client reconnects with a fresh token.
+                return Poll::Ready(End::Close(frame_of(
+                    CloseCode::Library(4001),
+                    "token expired",
+                )));
+            }
+        }
         loop {
             if let Some(handoff) = &mut this.handoff {
                 if let Poll::Ready(taken) = handoff.as_mut().poll(cx) {
@@ -630,7 +644,7 @@ mod tests {
     /// A session joined to the test's room, run as its own task.
     async fn peer(world: &Arc<World>, id: PeerId) -> (Client, tokio::task::JoinHandle<()>) {
         let (mut ws, client) = pair().await;
-        let mut joined = Some(world.room.join(id, Mode::Raw, None).expect("join"));
+        let mut joined = Some(world.room.join(id, Mode::Raw, None, None).expect("join"));
         let world = world.clone();
         let task = tokio::spawn(async move {
             let ctx = SessionContext {
@@ -723,7 +737,7 @@ mod tests {
     async fn a_session_that_panics_still_leaves_the_room() {
         let (world, mut inbox) = world(8, 8);
         let (mut ws, client) = pair().await;
-        let mut joined = Some(world.room.join(7, Mode::Raw, None).expect("join"));
+        let mut joined = Some(world.room.join(7, Mode::Raw, None, None).expect("join"));
         let inner = world.clone();
         let task = tokio::spawn(async move {
             let ctx = SessionContext {

@@ -705,3 +705,57 @@ async fn two_deployments_share_one_redis_by_prefix() {
         .is_err());
     assert!(redis.cli(&["EXISTS", "other:room:same:meta"]).trim() == "1");
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_verified_sender_is_stamped_on_every_node() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    const SECRET: &str = "a cluster test secret, long enough for HS256";
+    let redis = Redis::start();
+    let config = || Config {
+        auth_mode: hubbub::auth::Mode::Optional,
+        jwt_secret: Some(hubbub::config::Secret(SECRET.into())),
+        ..node_config(&redis)
+    };
+    let (a, b) = (
+        TestServer::start(config()).await,
+        TestServer::start(config()).await,
+    );
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 600)
+        .unwrap_or(0);
+    let token = encode(
+        &Header::default(),
+        &serde_json::json!({"sub": "u9", "name": "Nine", "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("token");
+    let (mut signed, _) = v1(a.ws, &format!("/rooms/id?token={token}")).await;
+    let (mut far, _) = v1(b.ws, "/rooms/id").await;
+    send_text(&mut signed, "who am I").await;
+    send_text(&mut far, "anonymous").await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = next_envelope(&mut far, false).await;
+        if e["type"] == "message" {
+            seen.push((e["data"].clone(), e["from"].clone()));
+        }
+    }
+    seen.sort_by_key(|(d, _)| d.to_string());
+    assert_eq!(seen[0].0, "anonymous");
+    assert_eq!(seen[0].1, Value::Null);
+    assert_eq!(seen[1].1, serde_json::json!({"id": "u9", "name": "Nine"}));
+    // And in the history a resume on the other node gets.
+    let (mut late, _) = v1(b.ws, "/rooms/id").await;
+    let history = [
+        next_envelope(&mut late, false).await,
+        next_envelope(&mut late, false).await,
+    ];
+    assert!(
+        history.iter().any(|e| e["from"]["name"] == "Nine"),
+        "{history:?}"
+    );
+}

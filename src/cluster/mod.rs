@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::auth::Identity;
 use crate::config::Config;
 use crate::log::memory::{self, Limits};
 use crate::log::{Entry, Offset};
@@ -117,6 +118,7 @@ pub struct Publish {
     pub room: Arc<str>,
     pub seq: u64,
     pub message: Outgoing,
+    pub from: Option<Arc<Identity>>,
 }
 
 /// A hosted room, as the reader and watcher reach it.
@@ -287,12 +289,18 @@ impl Cluster {
 
     /// Puts a message in the outbox; its number, or `None` when the outbox
     /// is full.
-    pub fn publish(&self, room: &Arc<str>, message: Outgoing) -> Option<u64> {
+    pub fn publish(
+        &self,
+        room: &Arc<str>,
+        message: Outgoing,
+        from: Option<Arc<Identity>>,
+    ) -> Option<u64> {
         let seq = self.seq.fetch_add(1, Relaxed);
         let publish = Publish {
             room: room.clone(),
             seq,
             message,
+            from,
         };
         match self.outbox.try_send(publish) {
             Ok(()) => {

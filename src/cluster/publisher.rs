@@ -123,11 +123,17 @@ async fn publish(
         };
         let keys = RoomKeys::new(&cluster.prefix, &p.room);
         call.key(keys.meta).key(keys.log).key(keys.seen);
+        let (fid, fname) = match &p.from {
+            Some(f) => (f.id.as_str(), f.name.as_str()),
+            None => ("", ""),
+        };
         call.arg(&*p.room)
             .arg(p.seq)
             .arg(kind)
             .arg(data)
-            .arg(new_epoch());
+            .arg(new_epoch())
+            .arg(fid)
+            .arg(fname);
     }
     let _: redis::Value = call.invoke_async(c).await?;
     debug!(messages = batch.len(), "handed to Redis");

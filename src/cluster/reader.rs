@@ -182,12 +182,13 @@ fn live(cluster: &Cluster, mut e: StreamEntry) -> Option<(String, Live)> {
         .then_some(seq)
         .flatten();
     let kind = e.field("kind")?.to_vec();
+    let from = scripts::sender(&e);
     let data = e.take("data")?;
     let message = scripts::message_of(&kind, data)?;
     if offset == 0 || epoch.is_empty() {
         return None;
     }
-    let entry = Entry::new(offset, ts, Arc::new(message));
+    let entry = Entry::new(offset, ts, Arc::new(message)).with_from(from);
     Some((room, Live { epoch, entry, own }))
 }
 

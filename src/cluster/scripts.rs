@@ -29,6 +29,7 @@ use bytes::Bytes;
 use redis::Value;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::auth::Identity;
 use crate::log::{Entry, Offset};
 
 /// The events stream is trimmed to about this many entries. A node that
@@ -65,7 +66,7 @@ end
 /// Orders a batch of messages. KEYS: the events stream, then per message
 /// its room's meta, log and seen. ARGV: node, history size, history ttl ms,
 /// meta ttl ms, events max, then per message room, seq, kind (`t`/`b`),
-/// data, a fresh epoch. Returns per message its offset, or 0 when that
+/// data, a fresh epoch, the verified sender's id and name ('' for none). Returns per message its offset, or 0 when that
 /// publish (node, seq) was applied before.
 const PUBLISH: &str = r#"
 local node, size = ARGV[1], tonumber(ARGV[2])
@@ -75,8 +76,12 @@ local out = {}
 local n = (#KEYS - 1) / 3
 for i = 0, n - 1 do
   local meta, log, seen = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
-  local a = 6 + 5 * i
+  local a = 6 + 7 * i
   local room, seq, kind, data, fresh = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local sender = {}
+  if ARGV[a + 5] ~= '' then
+    sender = {'fid', ARGV[a + 5], 'fname', ARGV[a + 6]}
+  end
   local last = redis.pcall('HGET', seen, node)
   if failed(last) then
     redis.call('DEL', seen)
@@ -92,19 +97,21 @@ for i = 0, n - 1 do
     redis.call('HSET', meta, 'offset', o)
     if size > 0 then
       local id = o .. '-1'
-      local r = redis.pcall('XADD', log, 'MAXLEN', size, id, 'ts', ts, 'kind', kind, 'data', data)
+      local r = redis.pcall('XADD', log, 'MAXLEN', size, id, 'ts', ts, 'kind', kind, 'data', data, unpack(sender))
       if failed(r) then
         redis.call('DEL', log)
-        redis.call('XADD', log, 'MAXLEN', size, id, 'ts', ts, 'kind', kind, 'data', data)
+        redis.call('XADD', log, 'MAXLEN', size, id, 'ts', ts, 'kind', kind, 'data', data, unpack(sender))
       end
       redis.call('PEXPIRE', log, ttl)
     end
     local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', events_max, '*', 'room', room,
-      'epoch', epoch, 'offset', o, 'ts', ts, 'kind', kind, 'data', data, 'node', node, 'seq', seq)
+      'epoch', epoch, 'offset', o, 'ts', ts, 'kind', kind, 'data', data, 'node', node, 'seq', seq,
+      unpack(sender))
     if failed(r) then
       redis.call('DEL', KEYS[1])
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', events_max, '*', 'room', room,
-        'epoch', epoch, 'offset', o, 'ts', ts, 'kind', kind, 'data', data, 'node', node, 'seq', seq)
+        'epoch', epoch, 'offset', o, 'ts', ts, 'kind', kind, 'data', data, 'node', node, 'seq', seq,
+        unpack(sender))
     end
     redis.call('HSET', seen, node, seq)
     redis.call('PEXPIRE', seen, meta_ttl)
@@ -316,7 +323,14 @@ pub fn log_entry(mut e: StreamEntry) -> Option<Entry> {
     let kind = e.field("kind")?.to_vec();
     let data = e.take("data")?;
     let message = message_of(&kind, data)?;
-    Some(Entry::new(offset, ts, Arc::new(message)))
+    Some(Entry::new(offset, ts, Arc::new(message)).with_from(sender(&e)))
+}
+
+/// The verified sender an entry carries (`fid`, `fname`), if any.
+pub fn sender(e: &StreamEntry) -> Option<Arc<Identity>> {
+    let id = String::from_utf8(e.field("fid")?.to_vec()).ok()?;
+    let name = String::from_utf8(e.field("fname")?.to_vec()).ok()?;
+    Some(Arc::new(Identity { id, name }))
 }
 
 /// What the load script answered.

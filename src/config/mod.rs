@@ -17,13 +17,15 @@ use serde::Deserialize;
 
 mod values;
 
-pub use values::redact;
+pub use values::{redact, Secret};
 
+use crate::auth;
 use crate::clients::TrustedProxies;
 use values::{
-    parse_bool, parse_host, parse_key_prefix, parse_log_format, parse_node_id, parse_origins,
-    parse_path, parse_port, parse_proxies, parse_redis_url, parse_static_dir, parse_ws_url,
-    split_list, Count, Parse, Plain, Raw, Span,
+    parse_api_key, parse_auth_mode, parse_bool, parse_host, parse_jwt_secret, parse_key_prefix,
+    parse_log_format, parse_node_id, parse_origins, parse_path, parse_patterns, parse_port,
+    parse_proxies, parse_public_key, parse_redis_url, parse_static_dir, parse_ws_url, split_list,
+    Count, Parse, Plain, Raw, Span,
 };
 
 /// Where one configuration value came from.
@@ -243,6 +245,16 @@ keys! {
         "[cluster] This node's name in the cluster (empty: made unique per process)";
     [cluster] outbox_size: usize [Int, String] = "10000", "N", Count { min: 1, max: 1_000_000 },
         "[cluster] Messages this node holds while Redis is unreachable; beyond it senders get `unavailable` (raw: closed with 1013)";
+    [auth] auth_mode: auth::Mode [Text, String] = "off", "MODE", Plain(parse_auth_mode),
+        "[auth] mode: off (tokens are not read), optional (checked when given) or required (every connection needs a valid token)";
+    [auth] jwt_secret: Option<Secret> [Text, String] = "", "SECRET", Plain(parse_jwt_secret),
+        "[auth] HS256 secret that connection tokens are signed with (at least 32 bytes)";
+    [auth] jwt_public_key: Option<auth::Key> [Text, String] = "", "PEM", Plain(parse_public_key),
+        "[auth] Public key (PEM file) that connection tokens are signed for: RSA (RS256), P-256 (ES256) or Ed25519 (EdDSA)";
+    [auth] private_rooms: auth::Patterns [List, Vec<String>] = "", "PATTERN", Plain(parse_patterns),
+        "[auth] Rooms (names or prefix*) that only a token allowing them may join, in every mode; repeat or comma-separate";
+    [api] api_key: Option<Secret> [Text, String] = "", "KEY", Plain(parse_api_key),
+        "[api] key: bearer key of the HTTP API under /api/ (absent: no API; at least 32 bytes)";
     log_format: LogFormat [Text, String] = "text", "FORMAT", Plain(parse_log_format),
         "Log line format: text or json (RUST_LOG sets the level)";
 }
@@ -585,6 +597,22 @@ impl Layers {
                 v,
                 set,
                 format!("needs {missing} too: TLS takes a certificate and its key"),
+            ));
+        }
+        if c.jwt_secret.is_some() && c.jwt_public_key.is_some() {
+            let key = blame(v, "jwt_secret", "jwt_public_key");
+            return Err(invalid(
+                v,
+                key,
+                "set jwt_secret or jwt_public_key, not both: tokens are checked with one algorithm"
+                    .into(),
+            ));
+        }
+        if c.auth_mode != auth::Mode::Off && c.jwt_secret.is_none() && c.jwt_public_key.is_none() {
+            return Err(invalid(
+                v,
+                "auth_mode",
+                "needs jwt_secret or jwt_public_key to check tokens with".into(),
             ));
         }
         if c.idle_timeout <= c.ping_interval {

@@ -355,6 +355,75 @@ pub fn parse_node_id(raw: &Raw) -> Result<Option<String>, String> {
     Ok((!s.is_empty()).then_some(s))
 }
 
+/// A secret from the configuration: kept out of `Debug` output (and so
+/// out of any log of the configuration).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+fn parse_secret(raw: &Raw, what: &str) -> Result<Option<Secret>, String> {
+    let s = expect_text(raw, what)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() < 32 {
+        // Never the value itself.
+        return Err(format!("{what} must be at least 32 bytes, got {}", s.len()));
+    }
+    Ok(Some(Secret(s)))
+}
+
+pub fn parse_jwt_secret(raw: &Raw) -> Result<Option<Secret>, String> {
+    parse_secret(raw, "a secret")
+}
+
+pub fn parse_api_key(raw: &Raw) -> Result<Option<Secret>, String> {
+    parse_secret(raw, "an API key")
+}
+
+pub fn parse_auth_mode(raw: &Raw) -> Result<crate::auth::Mode, String> {
+    use crate::auth::Mode;
+    let s = expect_text(raw, "off, optional or required")?;
+    match s.to_ascii_lowercase().as_str() {
+        "off" => Ok(Mode::Off),
+        "optional" => Ok(Mode::Optional),
+        "required" => Ok(Mode::Required),
+        _ => Err(format!("expected off, optional or required, got {s:?}")),
+    }
+}
+
+pub fn parse_public_key(raw: &Raw) -> Result<Option<crate::auth::Key>, String> {
+    let s = expect_text(raw, "a PEM file path")?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    crate::auth::Key::public_pem(std::path::Path::new(&s)).map(Some)
+}
+
+/// Room name patterns: a room name, or a prefix of one followed by `*`.
+pub fn parse_patterns(raw: &Raw) -> Result<crate::auth::Patterns, String> {
+    let items = match raw {
+        Raw::List(items) => items.clone(),
+        Raw::Text(s) => split_list(s),
+        _ => return Err("expected a list of room names or prefix* patterns".into()),
+    };
+    for p in &items {
+        let name = p.strip_suffix('*').unwrap_or(p);
+        let everything = p == "*";
+        if !everything && !crate::protocol::valid_room_name(name) {
+            return Err(format!(
+                "{p:?} is not a room name or a prefix* pattern (letters, digits, '-', '_', '.')"
+            ));
+        }
+    }
+    Ok(crate::auth::Patterns(items))
+}
+
 pub fn parse_log_format(raw: &Raw) -> Result<LogFormat, String> {
     let s = expect_text(raw, "\"text\" or \"json\"")?;
     match s.to_ascii_lowercase().as_str() {

@@ -94,8 +94,14 @@ impl RoomLog for MemoryLog {
         self.latest
     }
 
-    fn append(&mut self, message: Outgoing, at: SystemTime, now: Instant) -> Append {
-        let entry = Entry::new(self.latest + 1, millis(at), message);
+    fn append(
+        &mut self,
+        message: Outgoing,
+        from: Option<std::sync::Arc<crate::auth::Identity>>,
+        at: SystemTime,
+        now: Instant,
+    ) -> Append {
+        let entry = Entry::new(self.latest + 1, millis(at), message).with_from(from);
         self.keep(entry.clone(), now);
         Append::Ordered(entry)
     }
@@ -171,6 +177,7 @@ mod tests {
     fn add(log: &mut MemoryLog, text: &str) -> Offset {
         match log.append(
             Arc::new(Message::text(text)),
+            None,
             SystemTime::now(),
             Instant::now(),
         ) {

@@ -14,11 +14,13 @@
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::auth::Identity;
 use crate::room::Outgoing;
 
 /// A message's place in its room: 1, 2, 3, ... within one epoch.
@@ -35,6 +37,8 @@ pub struct Entry {
     /// Its `hubbub.v1` envelope, encoded the first time a peer needs it and
     /// shared by every `hubbub.v1` peer from then on.
     pub envelope: Option<Outgoing>,
+    /// Its verified sender; `None` for an anonymous one.
+    pub from: Option<Arc<Identity>>,
 }
 
 impl Entry {
@@ -44,7 +48,14 @@ impl Entry {
             ts,
             message,
             envelope: None,
+            from: None,
         }
+    }
+
+    /// The same entry, from a verified sender.
+    pub fn with_from(mut self, from: Option<Arc<Identity>>) -> Entry {
+        self.from = from;
+        self
     }
 
     /// Payload bytes, which is what `history_bytes` counts.
@@ -101,7 +112,13 @@ pub trait RoomLog: Send {
 
     /// Takes a message to be ordered. A log that orders at once gives it
     /// the next offset and remembers it, within the history bounds.
-    fn append(&mut self, message: Outgoing, at: SystemTime, now: Instant) -> Append;
+    fn append(
+        &mut self,
+        message: Outgoing,
+        from: Option<Arc<Identity>>,
+        at: SystemTime,
+        now: Instant,
+    ) -> Append;
 
     /// Where entries ordered elsewhere arrive, taken once by the room task;
     /// `None` for a log that orders everything itself.

@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 
 use super::memory::MemoryLog;
 use super::{Append, Entry, Offset, RoomLog, Update};
+use crate::auth::Identity;
 use crate::cluster::scripts::Loaded;
 use crate::cluster::{Cluster, Event, Link, Live};
 use crate::room::Outgoing;
@@ -43,7 +44,7 @@ pub struct RedisLog {
     /// Messages sent before the first load: they go to Redis once it is
     /// back, so they are ordered after the history every waiting join gets,
     /// and a raw sender that joined just now sees its own message.
-    held: Vec<Outgoing>,
+    held: Vec<(Outgoing, Option<Arc<Identity>>)>,
     others: usize,
     /// The number of the last message this room put in the outbox, and the
     /// highest of its own that came back.
@@ -144,16 +145,16 @@ impl RedisLog {
         self.ready = true;
         self.holding = true;
         out.ready = true;
-        for message in std::mem::take(&mut self.held) {
-            self.send(message);
+        for (message, from) in std::mem::take(&mut self.held) {
+            self.send(message, from);
         }
         let _ = self.link.feed.send(Event::Release);
         debug!(room = %self.link.room, epoch = %self.cache.epoch(), latest = self.cache.latest(), "room loaded from Redis");
     }
 
     /// Puts a message in the outbox: whether it took it.
-    fn send(&mut self, message: Outgoing) -> bool {
-        match self.link.cluster.publish(&self.link.room, message) {
+    fn send(&mut self, message: Outgoing, from: Option<Arc<Identity>>) -> bool {
+        match self.link.cluster.publish(&self.link.room, message, from) {
             Some(seq) => {
                 self.sent = Some(seq);
                 true
@@ -232,15 +233,21 @@ impl RoomLog for RedisLog {
         self.cache.latest()
     }
 
-    fn append(&mut self, message: Outgoing, _at: SystemTime, _now: Instant) -> Append {
+    fn append(
+        &mut self,
+        message: Outgoing,
+        from: Option<Arc<Identity>>,
+        _at: SystemTime,
+        _now: Instant,
+    ) -> Append {
         if !self.ready {
             if self.held.len() >= self.link.cluster.outbox_size() {
                 return Append::Refused;
             }
-            self.held.push(message);
+            self.held.push((message, from));
             return Append::Sent;
         }
-        if self.send(message) {
+        if self.send(message, from) {
             Append::Sent
         } else {
             Append::Refused
