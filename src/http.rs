@@ -127,15 +127,19 @@ pub async fn serve(
     }
 }
 
-pub fn router(page: Arc<Page>, metrics: Arc<Metrics>) -> Router {
-    Router::new()
+pub fn router(page: Arc<Page>, metrics: Arc<Metrics>, api: Option<crate::api::Api>) -> Router {
+    let app = Router::new()
         .route("/", get(index))
         .route("/rooms/{name}", get(room_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
-        .with_state(AppState { page, metrics })
+        .with_state(AppState { page, metrics });
+    match api {
+        Some(api) => app.nest("/api", crate::api::router(api)),
+        None => app,
+    }
 }
 
 /// The page for one room: the same page, which reads the room from its own

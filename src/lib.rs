@@ -8,7 +8,9 @@
 //! (gateway -> session -> room -> log -> room -> queue -> session):
 //! - [`config`]: flags, `HUBBUB_*` environment, TOML file, defaults.
 //! - [`server`]: binds both listeners and runs everything until shutdown.
-//! - [`http`]: the HTTP listener (chat page, `/healthz`, `/metrics`).
+//! - [`http`]: the HTTP listener (chat page, `/healthz`, `/readyz`,
+//!   `/metrics`).
+//! - [`api`]: the HTTP API under `/api/` (publish, history, rooms, remove).
 //! - [`listener`]: accepting TCP connections, with backoff on errors.
 //! - [`gateway`]: the WebSocket listener and the opening handshake.
 //! - [`origin`]: which browser origins may connect.
@@ -34,6 +36,7 @@
 //! - [`shutdown`]: turning SIGINT/SIGTERM into the shutdown future.
 //! - [`healthcheck`]: the `hubbub healthcheck` client used by containers.
 
+pub mod api;
 pub mod auth;
 pub mod clients;
 pub mod cluster;

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::oneshot;
 use tokio::time::{self, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,8 @@ pub type PeerId = u64;
 pub enum Kick {
     /// Its send queue was full: it is not reading fast enough.
     SlowConsumer,
+    /// Removed through the HTTP API: closed with 4003.
+    Removed,
     /// A raw peer sent a message the room could not take (the cluster's
     /// outbox is full while Redis is unreachable): closed with 1013, Try
     /// Again Later, as it has no other way to learn of it.
@@ -144,6 +147,50 @@ pub(crate) enum Inbound {
     /// before has gone out, close its queue (it delivers what is queued,
     /// its own copies included, then ends).
     Flush(PeerId),
+    /// A request of the HTTP API.
+    Api(ApiRequest),
+}
+
+/// What the HTTP API asks of a room. Answered once the room's log is
+/// ready (a room of a cluster first loads from Redis).
+pub enum ApiRequest {
+    /// Publish a message like any peer's; answered with where it went.
+    Publish {
+        message: Message,
+        from: Option<Arc<Identity>>,
+        reply: oneshot::Sender<Result<Published, RoomClosed>>,
+    },
+    /// The history after `since` (or the most recent), at most `limit`.
+    History {
+        since: Option<crate::log::Offset>,
+        limit: usize,
+        reply: oneshot::Sender<History>,
+    },
+    /// Close every connection of user `id` in this room with 4003.
+    Remove {
+        id: String,
+        reply: oneshot::Sender<usize>,
+    },
+}
+
+/// Where the API hears where its message went.
+type PublishReply = oneshot::Sender<Result<Published, RoomClosed>>;
+
+/// Where a published message went.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub epoch: String,
+    pub offset: crate::log::Offset,
+}
+
+/// A room's history as the API reads it.
+pub struct History {
+    pub epoch: String,
+    pub latest: crate::log::Offset,
+    /// Whether `entries` are every message after `since` (always true
+    /// without `since`).
+    pub complete: bool,
+    pub entries: Vec<Entry>,
 }
 
 /// Cheap, cloneable handle for talking to a room.
@@ -152,6 +199,7 @@ pub struct RoomHandle {
     messages: mpsc::Sender<Inbound>,
     members: mpsc::UnboundedSender<Member>,
     send_queue: usize,
+    online: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The room has stopped (the server is shutting down).
@@ -218,6 +266,20 @@ impl RoomHandle {
         self.offer(Inbound::Flush(id))
     }
 
+    /// Hands the room a request of the HTTP API, waiting for room in its
+    /// channel if it is behind.
+    pub async fn api(&self, request: ApiRequest) -> Result<(), RoomClosed> {
+        self.messages
+            .send(Inbound::Api(request))
+            .await
+            .map_err(|_| RoomClosed)
+    }
+
+    /// Peers of the room (on every node), as it last counted them.
+    pub fn online(&self) -> usize {
+        self.online.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn offer(&self, inbound: Inbound) -> Result<Option<Handoff<'_>>, RoomClosed> {
         match self.messages.try_send(inbound) {
             Ok(()) => Ok(None),
@@ -233,20 +295,25 @@ impl RoomHandle {
 pub(crate) struct Inbox {
     pub messages: mpsc::Receiver<Inbound>,
     pub members: mpsc::UnboundedReceiver<Member>,
+    /// Where the room keeps its count of peers for [`RoomHandle::online`].
+    pub online: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A new room's handle and inbox; the task is started with [`Room::run`].
 pub(crate) fn channels(send_queue: usize, inbound: usize) -> (RoomHandle, Inbox) {
     let (messages, messages_rx) = mpsc::channel(inbound);
     let (members, members_rx) = mpsc::unbounded_channel();
+    let online = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let handle = RoomHandle {
         messages,
         members,
         send_queue,
+        online: online.clone(),
     };
     let inbox = Inbox {
         messages: messages_rx,
         members: members_rx,
+        online,
     };
     (handle, inbox)
 }
@@ -307,6 +374,11 @@ pub(crate) struct Room<L> {
     peers: HashMap<PeerId, Peer>,
     /// Joins that wait for the log to be ready.
     waiting: Vec<Waiting>,
+    /// API requests that wait for the log to be ready.
+    api_waiting: Vec<ApiRequest>,
+    /// API publishes on their way to be ordered, by their number.
+    publishing: Vec<(u64, Instant, PublishReply)>,
+    online_gauge: Arc<std::sync::atomic::AtomicUsize>,
     flushes: Vec<Flush>,
     /// How many of `peers` speak `hubbub.v1`: envelopes are encoded only
     /// when somebody will read them.
@@ -323,6 +395,9 @@ impl<L: RoomLog> Room<L> {
             name,
             peers: HashMap::new(),
             waiting: Vec::new(),
+            api_waiting: Vec::new(),
+            publishing: Vec::new(),
+            online_gauge: Arc::default(),
             flushes: Vec::new(),
             v1_peers: 0,
             log,
@@ -344,7 +419,9 @@ impl<L: RoomLog> Room<L> {
         let Inbox {
             mut messages,
             mut members,
+            online,
         } = inbox;
+        self.online_gauge = online;
         // Grows to what the room's traffic needs: a quiet room, which may
         // be most of them, keeps no room for 64 messages.
         let mut batch = Vec::new();
@@ -379,6 +456,7 @@ impl<L: RoomLog> Room<L> {
                         peer.queue.ping();
                     }
                     self.release_flushes();
+                    self.published(&[]);
                 }
                 Some(event) = next_event(&mut feed) => {
                     let update = self.log.receive(event, Instant::now());
@@ -417,7 +495,12 @@ impl<L: RoomLog> Room<L> {
                     break;
                 }
             }
-            if self.peers.is_empty() && self.waiting.is_empty() && self.log.is_empty() {
+            if self.peers.is_empty()
+                && self.waiting.is_empty()
+                && self.api_waiting.is_empty()
+                && self.publishing.is_empty()
+                && self.log.is_empty()
+            {
                 match retire.retire(&self.name, &mut members) {
                     Some(member) => self.member(member),
                     None => break,
@@ -504,6 +587,85 @@ impl<L: RoomLog> Room<L> {
         self.presence_changed();
     }
 
+    fn api(&mut self, request: ApiRequest, at: SystemTime, now: Instant) {
+        match request {
+            ApiRequest::Publish {
+                message,
+                from,
+                reply,
+            } => match self.log.append(Arc::new(message), from, at, now) {
+                Append::Ordered(entry) => {
+                    let _ = reply.send(Ok(Published {
+                        epoch: self.log.epoch().to_string(),
+                        offset: entry.offset,
+                    }));
+                    self.deliver(entry);
+                }
+                Append::Sent(Some(seq)) => self.publishing.push((seq, now, reply)),
+                // Held back or refused: the caller hears it was not taken.
+                Append::Sent(None) | Append::Refused => {
+                    self.metrics.unavailable();
+                    let _ = reply.send(Err(RoomClosed));
+                }
+            },
+            ApiRequest::History {
+                since,
+                limit,
+                reply,
+            } => {
+                let epoch = self.log.epoch().to_string();
+                let latest = self.log.latest();
+                let (complete, entries) = match since.map(|s| self.log.after(s)) {
+                    Some(Some(entries)) => (true, entries),
+                    Some(None) => (false, self.log.recent(limit)),
+                    None => (true, self.log.recent(limit)),
+                };
+                let entries = entries.into_iter().take(limit).map(|e| e.clone()).collect();
+                let _ = reply.send(History {
+                    epoch,
+                    latest,
+                    complete,
+                    entries,
+                });
+            }
+            ApiRequest::Remove { id, reply } => {
+                let removed: Vec<PeerId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.identity.as_ref().is_some_and(|i| i.id == id))
+                    .map(|(pid, _)| *pid)
+                    .collect();
+                for pid in &removed {
+                    if let Some(peer) = self.peers.remove(pid) {
+                        self.forget(&peer);
+                        peer.queue.kick(Kick::Removed);
+                    }
+                }
+                let _ = reply.send(removed.len());
+            }
+        }
+    }
+
+    /// Answers the API publishes that came back ordered (and gives up on
+    /// those that did not within [`FLUSH_WAIT`]).
+    fn published(&mut self, own: &[(u64, crate::log::Offset)]) {
+        if self.publishing.is_empty() {
+            return;
+        }
+        let epoch = self.log.epoch().to_string();
+        for (seq, since, reply) in std::mem::take(&mut self.publishing) {
+            if let Some((_, offset)) = own.iter().find(|(s, _)| *s == seq) {
+                let _ = reply.send(Ok(Published {
+                    epoch: epoch.clone(),
+                    offset: *offset,
+                }));
+            } else if since.elapsed() < FLUSH_WAIT {
+                self.publishing.push((seq, since, reply));
+            }
+            // Otherwise dropped: the caller hears it was not ordered in time.
+        }
+    }
+
     /// Bookkeeping for a peer that is no longer in `peers`.
     fn forget(&mut self, peer: &Peer) {
         if peer.mode == Mode::V1 {
@@ -515,6 +677,13 @@ impl<L: RoomLog> Room<L> {
     fn inbound(&mut self, inbound: Inbound, at: SystemTime, now: Instant) {
         match inbound {
             Inbound::Message { from, message } => self.publish(from, message, at, now),
+            Inbound::Api(request) => {
+                if self.log.ready() {
+                    self.api(request, at, now);
+                } else {
+                    self.api_waiting.push(request);
+                }
+            }
             Inbound::Flush(id) => match self.log.in_flight() {
                 // Its messages are still being ordered: let go of it once
                 // they are back and delivered.
@@ -563,7 +732,7 @@ impl<L: RoomLog> Room<L> {
         let identity = self.peers.get(&from).and_then(|p| p.identity.clone());
         match self.log.append(Arc::new(message), identity, at, now) {
             Append::Ordered(entry) => self.deliver(entry),
-            Append::Sent => {}
+            Append::Sent(_) => {}
             Append::Refused => self.unavailable(from),
         }
     }
@@ -611,9 +780,16 @@ impl<L: RoomLog> Room<L> {
                 self.join(w.id, w.queue, w.mode, w.resume, w.identity);
             }
         }
+        if self.log.ready() && !self.api_waiting.is_empty() {
+            let (at, now) = (SystemTime::now(), Instant::now());
+            for request in std::mem::take(&mut self.api_waiting) {
+                self.api(request, at, now);
+            }
+        }
         for entry in update.entries {
             self.deliver(entry);
         }
+        self.published(&update.own);
         if update.online_changed {
             self.presence_changed();
         }
@@ -653,6 +829,8 @@ impl<L: RoomLog> Room<L> {
     /// The count changed: tell the `hubbub.v1` peers now, or once a second
     /// has passed since the last notice.
     fn presence_changed(&mut self) {
+        self.online_gauge
+            .store(self.online(), std::sync::atomic::Ordering::Relaxed);
         if Instant::now() >= self.presence.next_at {
             self.tell_presence();
         } else {

@@ -84,11 +84,47 @@ impl Rooms {
         resume: Option<Resume>,
         identity: Option<Arc<Identity>>,
     ) -> Result<Membership, JoinError> {
-        let mut rooms = self.lock();
+        // Under the lock, so the room cannot retire between the two.
+        let rooms = self.lock();
+        let handle = self.get_or_start(rooms, name)?;
+        handle
+            .join(id, mode, resume, identity)
+            .map_err(|_| JoinError::Closed)
+    }
+
+    /// Room `name`, started if it does not exist (for the HTTP API: a room
+    /// with nobody in it ends again once it has nothing to keep).
+    pub fn room(self: &Arc<Self>, name: &str) -> Result<RoomHandle, JoinError> {
+        let rooms = self.lock();
+        self.get_or_start(rooms, name)
+    }
+
+    /// Room `name` if it exists.
+    pub fn existing(&self, name: &str) -> Option<RoomHandle> {
+        self.lock().get(name).filter(|h| !h.is_closed()).cloned()
+    }
+
+    /// Every room with its peers, by name.
+    pub fn list(&self) -> Vec<(Arc<str>, usize)> {
+        let mut out: Vec<(Arc<str>, usize)> = self
+            .lock()
+            .iter()
+            .filter(|(_, h)| !h.is_closed())
+            .map(|(name, h)| (name.clone(), h.online()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn get_or_start(
+        self: &Arc<Self>,
+        mut rooms: MutexGuard<'_, HashMap<Arc<str>, RoomHandle>>,
+        name: &str,
+    ) -> Result<RoomHandle, JoinError> {
         if self.shutdown.is_cancelled() {
             return Err(JoinError::Closed);
         }
-        let handle = match rooms.get(name) {
+        Ok(match rooms.get(name) {
             Some(handle) if !handle.is_closed() => handle.clone(),
             existing => {
                 if existing.is_none() && rooms.len() >= self.max_rooms {
@@ -99,10 +135,7 @@ impl Rooms {
                 self.metrics.set_rooms(rooms.len());
                 handle
             }
-        };
-        handle
-            .join(id, mode, resume, identity)
-            .map_err(|_| JoinError::Closed)
+        })
     }
 
     fn start(self: &Arc<Self>, name: &str) -> RoomHandle {

@@ -213,7 +213,16 @@ impl Server {
         });
         let ws_task = watch.spawn("WebSocket listener", gateway.clone().serve(ws));
 
-        let app = http::router(page, metrics.clone());
+        let api = config.api_key.as_ref().map(|key| {
+            crate::api::Api::new(
+                key.0.clone(),
+                gateway.rooms.clone(),
+                config.max_message_bytes,
+                config.redis_url.is_some(),
+                (config.rate_limit_per_sec, config.rate_limit_burst),
+            )
+        });
+        let app = http::router(page, metrics.clone(), api);
         let http_task = watch.spawn(
             "HTTP listener",
             http::serve(

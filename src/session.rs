@@ -579,6 +579,7 @@ fn kick_frame(kick: Kick) -> CloseFrame {
             CloseCode::Policy,
             "slow consumer: send queue full, messages were not being read",
         ),
+        Kick::Removed => frame_of(CloseCode::Library(4003), "removed"),
         Kick::Unavailable => frame_of(
             CloseCode::Again,
             "the cluster cannot take messages right now; try again later",

@@ -759,3 +759,57 @@ async fn a_verified_sender_is_stamped_on_every_node() {
         "{history:?}"
     );
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn an_api_publish_on_one_node_reaches_peers_on_another() {
+    const KEY: &str = "a cluster API key that is long enough";
+    let redis = Redis::start();
+    let config = || Config {
+        api_key: Some(hubbub::config::Secret(KEY.into())),
+        ..node_config(&redis)
+    };
+    let (a, b) = (
+        TestServer::start(config()).await,
+        TestServer::start(config()).await,
+    );
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let (mut far, hello) = v1(b.ws, "/rooms/alerts").await;
+    let bearer = format!("Bearer {KEY}");
+    let headers = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    // Node a hosts nobody in this room: it loads it from Redis to publish.
+    let (status, _, body) = http_send(
+        a.http,
+        "POST",
+        "/api/rooms/alerts/messages",
+        &headers,
+        br#"{"data":"disk full","from":{"id":"mon","name":"Monitor"}}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["epoch"], hello["epoch"]);
+    assert_eq!(answer["offset"], 1);
+    let m = next_envelope(&mut far, false).await;
+    assert_eq!(
+        (m["data"].as_str(), m["offset"].as_u64()),
+        (Some("disk full"), Some(1))
+    );
+    assert_eq!(m["from"]["name"], "Monitor");
+    // The history, read through the other node.
+    let (status, _, body) = http_send(
+        a.http,
+        "GET",
+        "/api/rooms/alerts/messages",
+        &headers[..1],
+        vec![],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let history: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(history["messages"][0]["data"], "disk full");
+}

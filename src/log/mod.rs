@@ -78,8 +78,9 @@ pub enum Append {
     /// Ordered at once (the memory log): deliver it now.
     Ordered(Entry),
     /// On its way to be ordered elsewhere; it comes back through the feed,
-    /// like everyone else's.
-    Sent,
+    /// like everyone else's. Its number, to know it when it is back (see
+    /// [`Update::own`]); `None` while the log holds it back.
+    Sent(Option<u64>),
     /// Cannot be taken now (the cluster's outbox is full): the sender is
     /// told, nobody gets it.
     Refused,
@@ -97,6 +98,9 @@ pub struct Update {
     pub entries: Vec<Entry>,
     /// The count of peers on other nodes changed.
     pub online_changed: bool,
+    /// Messages of this room's own that came back among `entries`: their
+    /// number (from [`Append::Sent`]) and the offset they got.
+    pub own: Vec<(u64, Offset)>,
 }
 
 /// The interface a room uses to order and remember its messages.

@@ -118,6 +118,9 @@ impl RedisLog {
             }
             warn!(room = %self.link.room, from = latest + 1, to = offset - 1, "messages lost: Redis no longer has them");
         }
+        if let Some(seq) = live.own {
+            out.own.push((seq, offset));
+        }
         self.keep(live.entry, now, out);
     }
 
@@ -245,10 +248,10 @@ impl RoomLog for RedisLog {
                 return Append::Refused;
             }
             self.held.push((message, from));
-            return Append::Sent;
+            return Append::Sent(None);
         }
         if self.send(message, from) {
-            Append::Sent
+            Append::Sent(self.sent)
         } else {
             Append::Refused
         }

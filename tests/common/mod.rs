@@ -316,3 +316,37 @@ pub async fn next_envelope(ws: &mut Ws, presence: bool) -> serde_json::Value {
     }
 }
 pub mod redis;
+
+/// A request with a body over a fresh connection; returns status, headers
+/// and body.
+pub async fn http_send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, hyper::HeaderMap, String) {
+    let stream = TcpStream::connect(addr).await.expect("tcp connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .expect("request");
+    let res = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
