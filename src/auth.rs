@@ -38,7 +38,7 @@ pub enum Mode {
 }
 
 /// A verified sender, stamped on its messages by the server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub id: String,
     pub name: String,

@@ -233,15 +233,23 @@ pub fn envelope_of(entry: &mut Entry, stamp: bool) -> Outgoing {
 }
 
 #[derive(Serialize)]
-struct Presence {
+struct Presence<'a> {
     r#type: &'static str,
     online: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    members: Option<&'a [std::sync::Arc<crate::auth::Identity>]>,
 }
 
-pub fn presence(online: usize) -> Outgoing {
+/// A presence notice; `members`: the verified users in the room, each
+/// once, when the room is small enough to list them.
+pub fn presence(
+    online: usize,
+    members: Option<&[std::sync::Arc<crate::auth::Identity>]>,
+) -> Outgoing {
     frame(&Presence {
         r#type: "presence",
         online,
+        members,
     })
 }
 
@@ -350,7 +358,7 @@ mod tests {
         let m = json(&envelope_of(&mut b, false));
         assert_eq!(m["binary"], true);
         assert_eq!(m["data"], "AAEC");
-        assert_eq!(json(&presence(4))["online"], 4);
+        assert_eq!(json(&presence(4, None))["online"], 4);
         assert_eq!(json(&error("rate_limited", "slow"))["code"], "rate_limited");
     }
 }

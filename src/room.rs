@@ -75,6 +75,7 @@ pub struct Settings {
     /// API are on); without them no sender is ever verified, and envelopes
     /// stay as they were.
     pub stamp_from: bool,
+    pub presence_members_max: usize,
 }
 
 /// Presence notices go out at most this often per room; changes in between
@@ -334,6 +335,8 @@ struct Peer {
 struct Presence {
     /// The count the peers were last told.
     told: usize,
+    /// The members they were last told.
+    told_members: Option<Vec<Arc<Identity>>>,
     next_at: Instant,
     owed: bool,
 }
@@ -405,6 +408,7 @@ impl<L: RoomLog> Room<L> {
             metrics,
             presence: Presence {
                 told: 0,
+                told_members: None,
                 next_at: Instant::now(),
                 owed: false,
             },
@@ -723,6 +727,36 @@ impl<L: RoomLog> Room<L> {
         self.flushes = flushes;
     }
 
+    /// The verified users in the room, each once, by id: only where
+    /// senders can be verified at all, and only up to
+    /// `presence_members_max` peers (above it, the count alone).
+    fn members(&self, local: Option<Vec<Arc<Identity>>>) -> Option<Vec<Arc<Identity>>> {
+        if self.online() > self.settings.presence_members_max {
+            return None;
+        }
+        let mut by_id: std::collections::BTreeMap<String, Arc<Identity>> = Default::default();
+        for identity in local?
+            .into_iter()
+            .chain(self.log.others_members().iter().cloned())
+        {
+            by_id.entry(identity.id.clone()).or_insert(identity);
+        }
+        Some(by_id.into_values().collect())
+    }
+
+    /// The verified users among this node's peers, each once (`None`
+    /// where no sender is ever verified).
+    fn local_members(&self) -> Option<Vec<Arc<Identity>>> {
+        if !self.settings.stamp_from {
+            return None;
+        }
+        let mut by_id: std::collections::BTreeMap<&str, &Arc<Identity>> = Default::default();
+        for identity in self.peers.values().filter_map(|p| p.identity.as_ref()) {
+            by_id.entry(&identity.id).or_insert(identity);
+        }
+        Some(by_id.into_values().cloned().collect())
+    }
+
     /// Peers of the room here and on other nodes.
     fn online(&self) -> usize {
         self.peers.len() + self.log.others_online()
@@ -840,17 +874,22 @@ impl<L: RoomLog> Room<L> {
 
     fn tell_presence(&mut self) {
         self.presence.owed = false;
-        self.log.set_local_peers(self.peers.len());
+        let local = self
+            .local_members()
+            .filter(|m| m.len() <= self.settings.presence_members_max);
+        self.log.set_local(self.peers.len(), local.as_deref());
         let online = self.online();
-        if online == self.presence.told {
+        let members = self.members(local);
+        if online == self.presence.told && members == self.presence.told_members {
             return;
         }
         self.presence.told = online;
         self.presence.next_at = Instant::now() + PRESENCE_EVERY;
-        if self.v1_peers == 0 {
+        let notice = (self.v1_peers > 0).then(|| protocol::presence(online, members.as_deref()));
+        self.presence.told_members = members;
+        let Some(notice) = notice else {
             return;
-        }
-        let notice = protocol::presence(online);
+        };
         for peer in self.peers.values().filter(|p| p.mode == Mode::V1) {
             // A notice is not worth a slow-consumer kick: a full queue will
             // get the next one.

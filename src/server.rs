@@ -164,6 +164,7 @@ impl Server {
                     || config.jwt_public_key.is_some()
                     || config.jwt_secret.is_some()
                     || config.api_key.is_some(),
+                presence_members_max: config.presence_members_max,
             },
             metrics.clone(),
             stop.clone(),

@@ -325,3 +325,38 @@ async fn an_eddsa_public_key_checks_tokens() {
     assert_eq!(status, 401);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The next presence notice that says `online: n`.
+async fn presence_with(ws: &mut Ws, n: u64) -> Value {
+    loop {
+        let e = next_envelope(ws, true).await;
+        if e["type"] == "presence" && e["online"] == n {
+            return e;
+        }
+    }
+}
+
+#[tokio::test]
+async fn presence_lists_verified_members_once_each_in_small_rooms() {
+    let server = TestServer::start(Config {
+        presence_members_max: 4,
+        ..config(Mode::Optional)
+    })
+    .await;
+    let alice = hs256(&claims("a", "Alice"));
+    let bob = hs256(&claims("b", "Bob"));
+    let mut watcher = v1(&server, &format!("/rooms/p?token={alice}")).await;
+    let _tab2 = v1(&server, &format!("/rooms/p?token={alice}")).await;
+    let _bob = v1(&server, &format!("/rooms/p?token={bob}")).await;
+    let _anon = v1(&server, "/rooms/p").await;
+    let p = presence_with(&mut watcher, 4).await;
+    assert_eq!(
+        p["members"],
+        json!([{"id": "a", "name": "Alice"}, {"id": "b", "name": "Bob"}]),
+        "{p}"
+    );
+    // One more peer than presence_members_max: the count only.
+    let _fifth = v1(&server, "/rooms/p").await;
+    let p = presence_with(&mut watcher, 5).await;
+    assert!(p.get("members").is_none(), "{p}");
+}

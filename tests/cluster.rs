@@ -813,3 +813,53 @@ async fn an_api_publish_on_one_node_reaches_peers_on_another() {
     let history: Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(history["messages"][0]["data"], "disk full");
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn presence_lists_members_from_every_node() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    const SECRET: &str = "a cluster presence secret, long enough";
+    let redis = Redis::start();
+    let config = || Config {
+        auth_mode: hubbub::auth::Mode::Optional,
+        jwt_secret: Some(hubbub::config::Secret(SECRET.into())),
+        ..node_config(&redis)
+    };
+    let (a, b) = (
+        TestServer::start(config()).await,
+        TestServer::start(config()).await,
+    );
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 600)
+        .unwrap_or(0);
+    let token = |sub: &str| {
+        encode(
+            &Header::default(),
+            &serde_json::json!({"sub": sub, "name": sub.to_uppercase(), "exp": exp}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("token")
+    };
+    let (mut alice, _) = v1(a.ws, &format!("/rooms/crew?token={}", token("alice"))).await;
+    let (_bob, _) = v1(b.ws, &format!("/rooms/crew?token={}", token("bob"))).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let e = timeout(WAIT, next_envelope(&mut alice, true))
+            .await
+            .expect("a presence notice");
+        if e["type"] == "presence"
+            && e["online"] == 2
+            && e["members"].as_array().map(Vec::len) == Some(2)
+        {
+            assert_eq!(
+                e["members"],
+                serde_json::json!([{"id": "alice", "name": "ALICE"}, {"id": "bob", "name": "BOB"}])
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never saw both members: {e}");
+    }
+}

@@ -102,6 +102,8 @@ pub enum Event {
         epoch: String,
         latest: Offset,
         others: usize,
+        /// The verified members on other nodes.
+        members: Vec<Arc<Identity>>,
     },
 }
 
@@ -128,7 +130,21 @@ struct Route {
     id: u64,
     feed: mpsc::UnboundedSender<Event>,
     /// Its peers on this node, for presence.
-    local: Arc<AtomicUsize>,
+    local: Arc<Local>,
+}
+
+/// A room's presence on this node, as the watcher reports it.
+#[derive(Default)]
+pub struct Local {
+    pub peers: AtomicUsize,
+    /// Its verified members as a JSON array (empty: none to list).
+    pub members: Mutex<String>,
+}
+
+impl Local {
+    pub fn members(&self) -> String {
+        self.members.lock().map(|m| m.clone()).unwrap_or_default()
+    }
 }
 
 /// Which of the node's paths to Redis work; the node is connected when all
@@ -166,7 +182,7 @@ pub struct Link {
     pub cluster: Arc<Cluster>,
     pub room: Arc<str>,
     pub feed: mpsc::UnboundedSender<Event>,
-    pub local: Arc<AtomicUsize>,
+    pub local: Arc<Local>,
     id: u64,
 }
 
@@ -268,7 +284,7 @@ impl Cluster {
     pub fn link(self: &Arc<Self>, room: Arc<str>) -> (Link, mpsc::UnboundedReceiver<Event>) {
         let (feed, rx) = mpsc::unbounded_channel();
         let id = self.next_route.fetch_add(1, Relaxed);
-        let local = Arc::new(AtomicUsize::new(0));
+        let local = Arc::new(Local::default());
         self.routes().insert(
             room.clone(),
             Route {

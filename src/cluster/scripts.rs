@@ -145,19 +145,21 @@ return {epoch, offset, how, entries}
 "#;
 
 /// Checks the rooms a node hosts and shares its presence. KEYS per room:
-/// meta, log, online. ARGV: node, meta ttl ms, presence ttl ms, then per
-/// room the node's peer count and a fresh epoch. Returns per room
-/// `{epoch, latest, peers on other nodes}`.
+/// meta, log, online, members. ARGV: node, meta ttl ms, presence ttl ms,
+/// then per room the node's peer count, a fresh epoch and its verified
+/// members (a JSON array, or ''). Returns per room `{epoch, latest, peers
+/// on other nodes, {their members' JSON arrays}}`.
 const TOUCH: &str = r#"
 local node, meta_ttl, presence_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
 local out = {}
-for i = 0, #KEYS / 3 - 1 do
-  local meta, log, online = KEYS[1 + 3 * i], KEYS[2 + 3 * i], KEYS[3 + 3 * i]
-  local count, fresh = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
+for i = 0, #KEYS / 4 - 1 do
+  local meta, log, online, members = KEYS[1 + 4 * i], KEYS[2 + 4 * i], KEYS[3 + 4 * i], KEYS[4 + 4 * i]
+  local count, fresh, mine = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
   local epoch, offset = current(meta, log, fresh)
   redis.call('PEXPIRE', meta, meta_ttl)
   local others = 0
+  local lists = {}
   local all = redis.pcall('HGETALL', online)
   if failed(all) then
     redis.call('DEL', online)
@@ -169,14 +171,28 @@ for i = 0, #KEYS / 3 - 1 do
       local peers, at = string.match(value, '^(%d+):(%d+)$')
       if peers and tonumber(at) >= now - presence_ttl then
         others = others + tonumber(peers)
+        local list = redis.pcall('HGET', members, field)
+        if type(list) == 'string' then
+          lists[#lists + 1] = list
+        end
       else
         redis.call('HDEL', online, field)
+        redis.pcall('HDEL', members, field)
       end
     end
   end
   redis.call('HSET', online, node, count .. ':' .. string.format('%d', now))
   redis.call('PEXPIRE', online, presence_ttl * 2)
-  out[#out + 1] = {epoch, offset, others}
+  if mine ~= '' then
+    if failed(redis.pcall('HSET', members, node, mine)) then
+      redis.call('DEL', members)
+      redis.call('HSET', members, node, mine)
+    end
+    redis.call('PEXPIRE', members, presence_ttl * 2)
+  else
+    redis.pcall('HDEL', members, node)
+  end
+  out[#out + 1] = {epoch, offset, others, lists}
 end
 return out
 "#;
@@ -206,6 +222,7 @@ pub struct RoomKeys {
     pub log: String,
     pub seen: String,
     pub online: String,
+    pub members: String,
 }
 
 impl RoomKeys {
@@ -216,6 +233,7 @@ impl RoomKeys {
             log: format!("{base}:log"),
             seen: format!("{base}:seen"),
             online: format!("{base}:online"),
+            members: format!("{base}:members"),
         }
     }
 }
@@ -377,6 +395,9 @@ pub struct Touched {
     pub epoch: String,
     pub latest: Offset,
     pub others: usize,
+    /// Verified members on other nodes (lists that are not hubbub's are
+    /// skipped).
+    pub members: Vec<Arc<Identity>>,
 }
 
 pub fn touched(v: Value) -> Option<Vec<Touched>> {
@@ -388,6 +409,16 @@ pub fn touched(v: Value) -> Option<Vec<Touched>> {
                 epoch: text(&parts.next()?)?,
                 latest: u64::try_from(int(&parts.next()?)?).ok()?,
                 others: usize::try_from(int(&parts.next()?)?).ok()?,
+                members: parts
+                    .next()
+                    .and_then(array)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(text)
+                    .filter_map(|json| serde_json::from_str::<Vec<Identity>>(&json).ok())
+                    .flatten()
+                    .map(Arc::new)
+                    .collect(),
             })
         })
         .collect()

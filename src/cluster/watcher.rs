@@ -67,10 +67,14 @@ async fn check(
     let Some(c) = conn.as_mut() else {
         return Err(LinkError::Timeout);
     };
-    let rooms: Vec<(Arc<str>, mpsc::UnboundedSender<Event>, usize)> = cluster
+    type Hosted = (Arc<str>, mpsc::UnboundedSender<Event>, usize, String);
+    let rooms: Vec<Hosted> = cluster
         .routes()
         .iter()
-        .map(|(name, r)| (name.clone(), r.feed.clone(), r.local.load(Relaxed)))
+        .map(|(name, r)| {
+            let peers = r.local.peers.load(Relaxed);
+            (name.clone(), r.feed.clone(), peers, r.local.members())
+        })
         .collect();
     if rooms.is_empty() {
         let _: String = redis::cmd("PING").query_async(c).await?;
@@ -81,18 +85,22 @@ async fn check(
         call.arg(cluster.node())
             .arg(cluster.meta_ttl.as_millis() as u64)
             .arg(PRESENCE_TTL.as_millis() as u64);
-        for (name, _, local) in chunk {
+        for (name, _, peers, members) in chunk {
             let keys = RoomKeys::new(&cluster.prefix, name);
-            call.key(keys.meta).key(keys.log).key(keys.online);
-            call.arg(*local).arg(new_epoch());
+            call.key(keys.meta)
+                .key(keys.log)
+                .key(keys.online)
+                .key(keys.members);
+            call.arg(*peers).arg(new_epoch()).arg(members);
         }
         let reply: redis::Value = call.invoke_async(c).await?;
         let answers = scripts::touched(reply).ok_or(LinkError::Reply("touch"))?;
-        for ((_, feed, _), t) in chunk.iter().zip(answers) {
+        for ((_, feed, _, _), t) in chunk.iter().zip(answers) {
             let _ = feed.send(Event::Checked {
                 epoch: t.epoch,
                 latest: t.latest,
                 others: t.others,
+                members: t.members,
             });
         }
     }

@@ -233,6 +233,8 @@ keys! {
         "A room's history is dropped this long after its last message (and the room ends if nobody is in it)";
     history_on_join: usize [Int, String] = "50", "N", Count { min: 0, max: 100_000 },
         "Recent messages a hubbub.v1 client gets when it joins without resuming";
+    presence_members_max: usize [Int, String] = "100", "N", Count { min: 0, max: 10_000 },
+        "Rooms with at most this many peers list their verified members in presence notices; above it, the count only";
     [tls] tls_cert: Option<PathBuf> [Text, String] = "", "PEM", Plain(parse_path),
         "[tls] cert: certificate chain (PEM) for https:// and wss:// on both listeners; with tls_key (SIGHUP reloads both)";
     [tls] tls_key: Option<PathBuf> [Text, String] = "", "PEM", Plain(parse_path),

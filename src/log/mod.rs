@@ -146,8 +146,14 @@ pub trait RoomLog: Send {
         0
     }
 
-    /// Tells the log how many peers the room has here (others count them).
-    fn set_local_peers(&mut self, _peers: usize) {}
+    /// Tells the log who the room has here (other nodes count them):
+    /// the number of peers and the verified members.
+    fn set_local(&mut self, _peers: usize, _members: Option<&[Arc<Identity>]>) {}
+
+    /// Verified members of the room on other nodes.
+    fn others_members(&self) -> &[Arc<Identity>] {
+        &[]
+    }
 
     /// The last message this room sent to be ordered that has not come back
     /// yet, as a number that [`RoomLog::settled`] understands; `None` when

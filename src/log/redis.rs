@@ -46,6 +46,7 @@ pub struct RedisLog {
     /// and a raw sender that joined just now sees its own message.
     held: Vec<(Outgoing, Option<Arc<Identity>>)>,
     others: usize,
+    others_members: Vec<Arc<Identity>>,
     /// The number of the last message this room put in the outbox, and the
     /// highest of its own that came back.
     sent: Option<u64>,
@@ -70,6 +71,7 @@ impl RedisLog {
             waiting: Vec::new(),
             held: Vec::new(),
             others: 0,
+            others_members: Vec::new(),
             sent: None,
             back: 0,
             expected: None,
@@ -201,9 +203,17 @@ impl RedisLog {
         }
     }
 
-    fn take_check(&mut self, epoch: String, latest: Offset, others: usize, out: &mut Update) {
-        if others != self.others {
+    fn take_check(
+        &mut self,
+        epoch: String,
+        latest: Offset,
+        others: (usize, Vec<Arc<Identity>>),
+        out: &mut Update,
+    ) {
+        let (others, members) = others;
+        if others != self.others || members != self.others_members {
             self.others = others;
+            self.others_members = members;
             out.online_changed = true;
         }
         if self.loading || !self.ready {
@@ -281,7 +291,8 @@ impl RoomLog for RedisLog {
                 epoch,
                 latest,
                 others,
-            } => self.take_check(epoch, latest, others, &mut out),
+                members,
+            } => self.take_check(epoch, latest, (others, members), &mut out),
         }
         out
     }
@@ -294,8 +305,19 @@ impl RoomLog for RedisLog {
         self.others
     }
 
-    fn set_local_peers(&mut self, peers: usize) {
-        self.link.local.store(peers, Relaxed);
+    fn set_local(&mut self, peers: usize, members: Option<&[Arc<Identity>]>) {
+        self.link.local.peers.store(peers, Relaxed);
+        let json = match members {
+            Some(m) if !m.is_empty() => serde_json::to_string(m).unwrap_or_default(),
+            _ => String::new(),
+        };
+        if let Ok(mut kept) = self.link.local.members.lock() {
+            *kept = json;
+        }
+    }
+
+    fn others_members(&self) -> &[Arc<Identity>] {
+        &self.others_members
     }
 
     fn in_flight(&self) -> Option<u64> {
