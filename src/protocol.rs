@@ -165,9 +165,12 @@ struct Hello<'a> {
     max_message_bytes: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a crate::auth::Identity>,
 }
 
-/// The first frame a `hubbub.v1` peer gets.
+/// The first frame a `hubbub.v1` peer gets. `user`: who its token says it
+/// is, when it came with one.
 pub fn hello(
     room: &str,
     epoch: &str,
@@ -175,6 +178,7 @@ pub fn hello(
     online: usize,
     max_message_bytes: usize,
     recovered: Option<bool>,
+    user: Option<&crate::auth::Identity>,
 ) -> Outgoing {
     frame(&Hello {
         r#type: "hello",
@@ -184,6 +188,7 @@ pub fn hello(
         online,
         max_message_bytes,
         recovered,
+        user,
     })
 }
 
@@ -342,11 +347,11 @@ mod tests {
 
     #[test]
     fn envelopes_carry_the_protocol_fields() {
-        let h = json(&hello("lobby", "e1", 7, 3, 65536, Some(true)));
+        let h = json(&hello("lobby", "e1", 7, 3, 65536, Some(true), None));
         assert_eq!(h["type"], "hello");
         assert_eq!(h["offset"], 7);
         assert_eq!(h["recovered"], true);
-        let h = json(&hello("lobby", "e1", 0, 1, 16, None));
+        let h = json(&hello("lobby", "e1", 0, 1, 16, None, None));
         assert!(h.get("recovered").is_none());
         let mut e = Entry::new(5, 1000, Arc::new(Message::text("hi \"there\"\n")));
         let m = json(&envelope_of(&mut e, false));

@@ -574,6 +574,7 @@ impl<L: RoomLog> Room<L> {
                 online,
                 self.settings.max_message_bytes,
                 replay.recovered,
+                identity.as_deref(),
             ));
             for entry in replay.entries {
                 queue.push_initial(protocol::envelope_of(entry, self.settings.stamp_from));
@@ -803,6 +804,7 @@ impl<L: RoomLog> Room<L> {
                 latest,
                 self.online(),
                 self.settings.max_message_bytes,
+                None,
                 None,
             );
             for peer in self.peers.values().filter(|p| p.mode == Mode::V1) {

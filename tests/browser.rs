@@ -815,6 +815,88 @@ async fn https_scenario(driver: &mut Driver) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A page opened with `?token=`: it shows the name the server verified
+/// instead of the nickname field, its messages carry that name for
+/// everyone, and the other tab shows who is in the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium and chromedriver"]
+async fn a_signed_in_tab_shows_its_verified_name_and_who_is_here() {
+    let out = target_dir().join("browser");
+    std::fs::create_dir_all(&out).expect("target/browser");
+    let _one_at_a_time = BROWSERS.lock().await;
+    let mut driver = Driver::start(&out, "chromedriver-token.log").await;
+    tokio::time::timeout(WHOLE_TEST, token_scenario(&mut driver))
+        .await
+        .expect("the token browser test finished in time");
+}
+
+async fn token_scenario(driver: &mut Driver) {
+    const SECRET: &str = "the browser test's secret, long enough for HS256";
+    let server = Running::start(hubbub::Config {
+        auth_mode: hubbub::auth::Mode::Optional,
+        jwt_secret: Some(hubbub::config::Secret(SECRET.into())),
+        ..hubbub::Config::ephemeral()
+    })
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 600)
+        .unwrap_or(0);
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "u-alice", "name": "Alice Verified", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("token");
+    let alice = driver.tab("alice-token", false).await;
+    let bob = driver.tab("bob-anon", true).await;
+    alice
+        .c
+        .goto(&format!(
+            "http://{}/rooms/signed?token={token}",
+            server.http
+        ))
+        .await
+        .expect("open the page with a token");
+    bob.c
+        .goto(&format!("http://{}/rooms/signed", server.http))
+        .await
+        .expect("open the page");
+    for tab in [&alice, &bob] {
+        tab.wait_state("connected", SHOW_UP).await;
+    }
+    alice
+        .wait(
+            "the verified name in place of the nickname field",
+            SHOW_UP,
+            "const me = document.getElementById('me'); \
+             return !me.hidden && me.textContent === 'Alice Verified' \
+               && document.getElementById('nick').hidden;",
+        )
+        .await;
+    bob.wait(
+        "Alice among the room's members",
+        SHOW_UP,
+        "const m = document.getElementById('members'); \
+         return !m.hidden && m.textContent.includes('Alice Verified');",
+    )
+    .await;
+    alice.say("signed hello").await;
+    for tab in [&alice, &bob] {
+        tab.wait_count(1).await;
+        let shown = tab.messages().await;
+        assert_eq!(shown[0].nick, "Alice Verified", "[{}] {shown:?}", tab.name);
+        assert_eq!(shown[0].body, "signed hello", "[{}] {shown:?}", tab.name);
+        assert_eq!(
+            shown[0].own,
+            tab.name == "alice-token",
+            "[{}] {shown:?}",
+            tab.name
+        );
+    }
+    server.stop().await;
+}
+
 /// GET / over TLS, trusting any certificate (the one made for this run).
 async fn get_page_tls(addr: SocketAddr) -> (hyper::HeaderMap, String) {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
