@@ -1,6 +1,6 @@
 //! Fuzz targets for every parser of hubbub's that sees outside input: the
 //! configuration file, origins, room names and resume points in WebSocket
-//! URLs, and forwarding headers. Each must answer (Ok or a clear error) and
+//! URLs, forwarding headers and connection tokens. Each must answer (Ok or a clear error) and
 //! never panic, whatever it is given.
 //!
 //! Run by `cargo test` with bolero's random engine: inputs are random bytes
@@ -138,4 +138,35 @@ fn configuration_files() {
             let _ = Config::resolve(&Settings::default(), &env);
         });
     let _ = std::fs::remove_file(&path);
+}
+
+/// Connection tokens: random strings, and random headers and claims around
+/// a well-formed shape, must be admitted or refused with 401/403, never
+/// panic (the token reaches the parser before anything is trusted).
+#[test]
+fn connection_tokens() {
+    use base64::Engine;
+    use hubbub::auth::{Auth, Key, Mode, Patterns};
+    let auth = Auth::new(
+        Mode::Required,
+        Some(Key::secret("a fuzzing secret that is long enough to use")),
+        Patterns(vec!["private-*".into()]),
+    );
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    bolero::check!()
+        .with_iterations(iterations())
+        .with_type::<(String, String, String, String)>()
+        .for_each(|(raw, header, claims, room)| {
+            for token in [
+                raw.clone(),
+                format!("{}.{}.{}", b64(header), b64(claims), b64(raw)),
+                format!("{}.{}.", b64(r#"{"alg":"HS256"}"#), b64(claims)),
+            ] {
+                for room in [room.as_str(), "lobby", "private-x"] {
+                    if let Err(refusal) = auth.admit(Some(&token), room) {
+                        assert!(matches!(refusal.status, 401 | 403), "{refusal:?}");
+                    }
+                }
+            }
+        });
 }
