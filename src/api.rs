@@ -471,7 +471,7 @@ pub struct RemovedBody {
         ("id" = String, Path, description = "The user's id (`sub` of their token)"),
     ),
     responses(
-        (status = 200, description = "The user's connections in the room on this node were closed with 4003", body = RemovedBody),
+        (status = 200, description = "The user's connections in the room were closed with 4003 (`removed` counts this node's; with several nodes, every node closes its own as it hears of it)", body = RemovedBody),
         (status = 400, description = "Bad room name", body = ApiError),
         (status = 401, description = "Missing or wrong API key", body = ApiError),
         (status = 404, description = "No such room", body = ApiError),
@@ -486,6 +486,20 @@ async fn remove_user(
 ) -> Response {
     if let Err(r) = room_name(&room) {
         return refused(r);
+    }
+    if let Some(cluster) = api.rooms.cluster() {
+        // Every node closes the user's connections as it reads this.
+        if cluster.remove(&room, &id).await.is_err() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot reach the cluster to remove the user everywhere; try again",
+            );
+        }
+        let removed = match api.rooms.existing(&room) {
+            Some(handle) => ask_remove(&handle, id).await.unwrap_or(0),
+            None => 0,
+        };
+        return Json(RemovedBody { removed }).into_response();
     }
     let Some(handle) = api.rooms.existing(&room) else {
         return error(StatusCode::NOT_FOUND, "no such room on this node");
@@ -504,6 +518,13 @@ async fn remove_user(
             "the room did not answer in time",
         ),
     }
+}
+
+/// Asks a room to remove a user's connections: how many it closed.
+async fn ask_remove(handle: &RoomHandle, id: String) -> Option<usize> {
+    let (reply, answer) = oneshot::channel();
+    handle.api(ApiRequest::Remove { id, reply }).await.ok()?;
+    tokio::time::timeout(ORDER_WAIT, answer).await.ok()?.ok()
 }
 
 #[derive(OpenApi)]

@@ -634,21 +634,27 @@ impl<L: RoomLog> Room<L> {
                 });
             }
             ApiRequest::Remove { id, reply } => {
-                let removed: Vec<PeerId> = self
-                    .peers
-                    .iter()
-                    .filter(|(_, p)| p.identity.as_ref().is_some_and(|i| i.id == id))
-                    .map(|(pid, _)| *pid)
-                    .collect();
-                for pid in &removed {
-                    if let Some(peer) = self.peers.remove(pid) {
-                        self.forget(&peer);
-                        peer.queue.kick(Kick::Removed);
-                    }
-                }
-                let _ = reply.send(removed.len());
+                let removed = self.remove_user(&id);
+                let _ = reply.send(removed);
             }
         }
+    }
+
+    /// Closes every connection of user `id` here with 4003; how many.
+    fn remove_user(&mut self, id: &str) -> usize {
+        let removed: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.identity.as_ref().is_some_and(|i| i.id == id))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in &removed {
+            if let Some(peer) = self.peers.remove(pid) {
+                self.forget(&peer);
+                peer.queue.kick(Kick::Removed);
+            }
+        }
+        removed.len()
     }
 
     /// Answers the API publishes that came back ordered (and gives up on
@@ -826,6 +832,9 @@ impl<L: RoomLog> Room<L> {
             self.deliver(entry);
         }
         self.published(&update.own);
+        for user in &update.remove {
+            self.remove_user(user);
+        }
         if update.online_changed {
             self.presence_changed();
         }

@@ -99,6 +99,11 @@ impl Rooms {
         self.get_or_start(rooms, name)
     }
 
+    /// The cluster the rooms are shared through, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// Room `name` if it exists.
     pub fn existing(&self, name: &str) -> Option<RoomHandle> {
         self.lock().get(name).filter(|h| !h.is_closed()).cloned()

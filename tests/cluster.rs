@@ -863,3 +863,47 @@ async fn presence_lists_members_from_every_node() {
         assert!(Instant::now() < deadline, "never saw both members: {e}");
     }
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn an_api_removal_on_one_node_closes_the_user_on_another() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    const SECRET: &str = "a cluster removal secret, long enough";
+    const KEY: &str = "a cluster API key that is long enough too";
+    let redis = Redis::start();
+    let config = || Config {
+        auth_mode: hubbub::auth::Mode::Optional,
+        jwt_secret: Some(hubbub::config::Secret(SECRET.into())),
+        api_key: Some(hubbub::config::Secret(KEY.into())),
+        ..node_config(&redis)
+    };
+    let (a, b) = (
+        TestServer::start(config()).await,
+        TestServer::start(config()).await,
+    );
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 600)
+        .unwrap_or(0);
+    let token = encode(
+        &Header::default(),
+        &serde_json::json!({"sub": "spam", "name": "S", "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("token");
+    let (mut spammer, _) = v1(b.ws, &format!("/rooms/calm?token={token}")).await;
+    let bearer = format!("Bearer {KEY}");
+    let (status, _, body) = http_send(
+        a.http,
+        "DELETE",
+        "/api/rooms/calm/users/spam",
+        &[("Authorization", bearer.as_str())],
+        vec![],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (frame, _) = expect_close(&mut spammer).await;
+    assert_eq!(frame.code, CloseCode::Library(4003));
+}

@@ -97,6 +97,8 @@ pub enum Event {
     /// that waited for it are in: the entries that came meanwhile go out
     /// now, to them too.
     Release,
+    /// A user removed from the room through the API of any node.
+    Remove(String),
     /// The watcher's check of the room.
     Checked {
         epoch: String,
@@ -413,6 +415,41 @@ impl Cluster {
                 Err(LinkError::Redis(e))
             }
         }
+    }
+
+    /// Tells every node to close user `user`'s connections in `room`: an
+    /// entry on the events stream, which every node's reader follows.
+    pub async fn remove(&self, room: &str, user: &str) -> Result<(), LinkError> {
+        let mut conn = {
+            let mut shared = self.loads.lock().await;
+            match &*shared {
+                Some(conn) => conn.clone(),
+                None => {
+                    let conn = self.connect(RESPONSE_TIMEOUT).await?;
+                    *shared = Some(conn.clone());
+                    conn
+                }
+            }
+        };
+        let added: Result<redis::Value, RedisError> = redis::cmd("XADD")
+            .arg(self.events_key())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(scripts::EVENTS_MAX)
+            .arg("*")
+            .arg("room")
+            .arg(room)
+            .arg("kind")
+            .arg("r")
+            .arg("user")
+            .arg(user)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = added {
+            *self.loads.lock().await = None;
+            return Err(LinkError::Redis(e));
+        }
+        Ok(())
     }
 
     /// A new connection with the node's deadlines.

@@ -154,7 +154,11 @@ fn route(cluster: &Cluster, entries: Vec<StreamEntry>) {
     let mut skipped = 0;
     let mut parsed = Vec::with_capacity(entries.len());
     for e in entries {
-        match live(cluster, e) {
+        let event = match e.field("kind") {
+            Some(b"r") => removal(e),
+            _ => live(cluster, e).map(|(room, live)| (room, Event::Live(live))),
+        };
+        match event {
             Some(x) => parsed.push(x),
             None => skipped += 1,
         }
@@ -163,11 +167,19 @@ fn route(cluster: &Cluster, entries: Vec<StreamEntry>) {
         cluster.skipped(skipped, "-", "events");
     }
     let routes = cluster.routes();
-    for (room, live) in parsed {
+    for (room, event) in parsed {
         if let Some(route) = routes.get(room.as_str()) {
-            let _ = route.feed.send(Event::Live(live));
+            let _ = route.feed.send(event);
         }
     }
+}
+
+/// A removal of a user from a room, for every node (see
+/// [`Cluster::remove`]).
+fn removal(e: StreamEntry) -> Option<(String, Event)> {
+    let room = String::from_utf8(e.field("room")?.to_vec()).ok()?;
+    let user = String::from_utf8(e.field("user")?.to_vec()).ok()?;
+    Some((room, Event::Remove(user)))
 }
 
 /// An events entry as the room it belongs to and its message; `None` for

@@ -101,6 +101,8 @@ pub struct Update {
     /// Messages of this room's own that came back among `entries`: their
     /// number (from [`Append::Sent`]) and the offset they got.
     pub own: Vec<(u64, Offset)>,
+    /// Users removed from the room through the API of another node.
+    pub remove: Vec<String>,
 }
 
 /// The interface a room uses to order and remember its messages.

@@ -281,6 +281,7 @@ impl RoomLog for RedisLog {
                 self.take_live(live, now, false, &mut out);
             }
             Event::Loaded(loaded) => self.take_loaded(loaded, now, &mut out),
+            Event::Remove(user) => out.remove.push(user),
             Event::Release => {
                 self.holding = false;
                 for live in std::mem::take(&mut self.waiting) {
