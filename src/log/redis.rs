@@ -349,8 +349,9 @@ impl RoomLog for RedisLog {
         self.cache.clear();
     }
 
-    /// The history lives in Redis: nothing is lost when the room ends here.
+    /// The history lives in Redis: nothing is lost when the room ends here,
+    /// once the messages held for the first load are on their way.
     fn is_empty(&self) -> bool {
-        true
+        self.held.is_empty()
     }
 }
