@@ -206,8 +206,10 @@ fn room_for(api: &Api, room: &str, create: bool) -> Result<RoomHandle, Refusal> 
 #[serde(deny_unknown_fields)]
 pub struct Sender {
     /// The user's id (1 to 256 characters).
+    #[schema(min_length = 1, max_length = 256)]
     pub id: String,
     /// The user's display name (1 to 256 characters).
+    #[schema(min_length = 1, max_length = 256)]
     pub name: String,
 }
 
@@ -233,12 +235,13 @@ pub struct PublishedBody {
 #[utoipa::path(
     post,
     path = "/api/rooms/{room}/messages",
-    params(("room" = String, Path, description = "Room name")),
+    params(("room" = String, Path, description = "Room name: 1 to 64 letters, digits, '-', '_' or '.'", min_length = 1, max_length = 64, pattern = r"^[\p{Alpha}\p{N}._-]{1,64}$")),
     request_body = PublishBody,
     responses(
         (status = 200, description = "Published", body = PublishedBody),
         (status = 400, description = "Bad room name or body", body = ApiError),
-        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 413, description = "Message larger than max_message_bytes", body = ApiError),
         (status = 415, description = "Not JSON", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
@@ -309,11 +312,14 @@ async fn publish(
 
 /// Which history to read.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryQuery {
     /// Only messages after this offset (in the current epoch).
+    #[param(format = "uint64", minimum = 0, maximum = 18446744073709551615_usize)]
     pub since: Option<u64>,
     /// At most this many messages, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000, default = 50)]
     pub limit: Option<usize>,
 }
 
@@ -365,11 +371,12 @@ fn message_body(e: &Entry) -> MessageBody {
 #[utoipa::path(
     get,
     path = "/api/rooms/{room}/messages",
-    params(("room" = String, Path, description = "Room name"), HistoryQuery),
+    params(("room" = String, Path, description = "Room name: 1 to 64 letters, digits, '-', '_' or '.'", min_length = 1, max_length = 64, pattern = r"^[\p{Alpha}\p{N}._-]{1,64}$"), HistoryQuery),
     responses(
         (status = 200, description = "The room's history", body = HistoryBody),
         (status = 400, description = "Bad room name or query", body = ApiError),
-        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 404, description = "No such room", body = ApiError),
         (status = 429, description = "Over the key's rate limit", body = ApiError),
         (status = 503, description = "The room could not answer in time", body = ApiError),
@@ -439,7 +446,8 @@ pub struct RoomsBody {
     path = "/api/rooms",
     responses(
         (status = 200, description = "Rooms with their online counts", body = RoomsBody),
-        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 429, description = "Over the key's rate limit", body = ApiError),
     ),
     security(("bearer" = []))
@@ -467,13 +475,14 @@ pub struct RemovedBody {
     delete,
     path = "/api/rooms/{room}/users/{id}",
     params(
-        ("room" = String, Path, description = "Room name"),
-        ("id" = String, Path, description = "The user's id (`sub` of their token)"),
+        ("room" = String, Path, description = "Room name: 1 to 64 letters, digits, '-', '_' or '.'", min_length = 1, max_length = 64, pattern = r"^[\p{Alpha}\p{N}._-]{1,64}$"),
+        ("id" = String, Path, description = "The user's id (`sub` of their token)", min_length = 1),
     ),
     responses(
         (status = 200, description = "The user's connections in the room on this node were closed with 4003", body = RemovedBody),
         (status = 400, description = "Bad room name", body = ApiError),
-        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 404, description = "No such room", body = ApiError),
         (status = 429, description = "Over the key's rate limit", body = ApiError),
         (status = 503, description = "The room could not answer", body = ApiError),
