@@ -334,7 +334,17 @@ pub struct MessageBody {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub binary: bool,
     /// The verified sender, or null.
-    pub from: Option<Sender>,
+    pub from: Option<StampedSender>,
+}
+
+/// A verified sender as history gives it: stamped through this API (see
+/// `Sender`) or taken from a peer's token, whose `name` may be empty.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StampedSender {
+    #[schema(min_length = 1, max_length = 256)]
+    pub id: String,
+    #[schema(max_length = 256)]
+    pub name: String,
 }
 
 /// A room's history.
@@ -361,7 +371,7 @@ fn message_body(e: &Entry) -> MessageBody {
         ts: e.ts,
         data,
         binary,
-        from: e.from.as_ref().map(|f| Sender {
+        from: e.from.as_ref().map(|f| StampedSender {
             id: f.id.clone(),
             name: f.name.clone(),
         }),
@@ -519,7 +529,7 @@ async fn remove_user(
 #[openapi(
     info(title = "hubbub HTTP API", description = "Publish into rooms, read their history, list them, remove users."),
     paths(publish, read_history, list_rooms, remove_user),
-    components(schemas(ApiError, Sender, PublishBody, PublishedBody, MessageBody, HistoryBody, RoomBody, RoomsBody, RemovedBody)),
+    components(schemas(ApiError, Sender, StampedSender, PublishBody, PublishedBody, MessageBody, HistoryBody, RoomBody, RoomsBody, RemovedBody)),
     modifiers(&BearerKey)
 )]
 struct Doc;
