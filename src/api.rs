@@ -206,8 +206,10 @@ fn room_for(api: &Api, room: &str, create: bool) -> Result<RoomHandle, Refusal> 
 #[serde(deny_unknown_fields)]
 pub struct Sender {
     /// The user's id (1 to 256 characters).
+    #[schema(min_length = 1, max_length = 256)]
     pub id: String,
     /// The user's display name (1 to 256 characters).
+    #[schema(min_length = 1, max_length = 256)]
     pub name: String,
 }
 
@@ -233,12 +235,13 @@ pub struct PublishedBody {
 #[utoipa::path(
     post,
     path = "/api/rooms/{room}/messages",
-    params(("room" = String, Path, description = "Room name")),
+    params(("room" = String, Path, description = "Room name: 1 to 64 letters, digits, '-', '_' or '.'", min_length = 1, max_length = 64, pattern = r"^[\p{Alpha}\p{N}._-]{1,64}$")),
     request_body = PublishBody,
     responses(
         (status = 200, description = "Published", body = PublishedBody),
         (status = 400, description = "Bad room name or body", body = ApiError),
-        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 413, description = "Message larger than max_message_bytes", body = ApiError),
         (status = 415, description = "Not JSON", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
@@ -309,11 +312,14 @@ async fn publish(
 
 /// Which history to read.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryQuery {
     /// Only messages after this offset (in the current epoch).
+    #[param(format = "uint64", minimum = 0, maximum = 18446744073709551615_usize)]
     pub since: Option<u64>,
     /// At most this many messages, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000, default = 50)]
     pub limit: Option<usize>,
 }
 
@@ -328,7 +334,17 @@ pub struct MessageBody {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub binary: bool,
     /// The verified sender, or null.
-    pub from: Option<Sender>,
+    pub from: Option<StampedSender>,
+}
+
+/// A verified sender as history gives it: stamped through this API (see
+/// `Sender`) or taken from a peer's token, whose `name` may be empty.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StampedSender {
+    #[schema(min_length = 1, max_length = 256)]
+    pub id: String,
+    #[schema(max_length = 256)]
+    pub name: String,
 }
 
 /// A room's history.
@@ -355,7 +371,7 @@ fn message_body(e: &Entry) -> MessageBody {
         ts: e.ts,
         data,
         binary,
-        from: e.from.as_ref().map(|f| Sender {
+        from: e.from.as_ref().map(|f| StampedSender {
             id: f.id.clone(),
             name: f.name.clone(),
         }),
@@ -365,11 +381,12 @@ fn message_body(e: &Entry) -> MessageBody {
 #[utoipa::path(
     get,
     path = "/api/rooms/{room}/messages",
-    params(("room" = String, Path, description = "Room name"), HistoryQuery),
+    params(("room" = String, Path, description = "Room name: 1 to 64 letters, digits, '-', '_' or '.'", min_length = 1, max_length = 64, pattern = r"^[\p{Alpha}\p{N}._-]{1,64}$"), HistoryQuery),
     responses(
         (status = 200, description = "The room's history", body = HistoryBody),
         (status = 400, description = "Bad room name or query", body = ApiError),
-        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 404, description = "No such room", body = ApiError),
         (status = 429, description = "Over the key's rate limit", body = ApiError),
         (status = 503, description = "The room could not answer in time", body = ApiError),
@@ -439,7 +456,8 @@ pub struct RoomsBody {
     path = "/api/rooms",
     responses(
         (status = 200, description = "Rooms with their online counts", body = RoomsBody),
-        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 429, description = "Over the key's rate limit", body = ApiError),
     ),
     security(("bearer" = []))
@@ -467,13 +485,14 @@ pub struct RemovedBody {
     delete,
     path = "/api/rooms/{room}/users/{id}",
     params(
-        ("room" = String, Path, description = "Room name"),
-        ("id" = String, Path, description = "The user's id (`sub` of their token)"),
+        ("room" = String, Path, description = "Room name: 1 to 64 letters, digits, '-', '_' or '.'", min_length = 1, max_length = 64, pattern = r"^[\p{Alpha}\p{N}._-]{1,64}$"),
+        ("id" = String, Path, description = "The user's id (`sub` of their token)", min_length = 1),
     ),
     responses(
         (status = 200, description = "The user's connections in the room were closed with 4003 (`removed` counts this node's; with several nodes, every node closes its own as it hears of it)", body = RemovedBody),
         (status = 400, description = "Bad room name", body = ApiError),
-        (status = 401, description = "Missing or wrong API key", body = ApiError),
+        (status = 401, description = "Missing or wrong API key", body = ApiError,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 404, description = "No such room", body = ApiError),
         (status = 429, description = "Over the key's rate limit", body = ApiError),
         (status = 503, description = "The room could not answer", body = ApiError),
@@ -531,7 +550,7 @@ async fn ask_remove(handle: &RoomHandle, id: String) -> Option<usize> {
 #[openapi(
     info(title = "hubbub HTTP API", description = "Publish into rooms, read their history, list them, remove users."),
     paths(publish, read_history, list_rooms, remove_user),
-    components(schemas(ApiError, Sender, PublishBody, PublishedBody, MessageBody, HistoryBody, RoomBody, RoomsBody, RemovedBody)),
+    components(schemas(ApiError, Sender, StampedSender, PublishBody, PublishedBody, MessageBody, HistoryBody, RoomBody, RoomsBody, RemovedBody)),
     modifiers(&BearerKey)
 )]
 struct Doc;

@@ -290,3 +290,92 @@ async fn the_openapi_document_describes_every_route() {
         "bearer"
     );
 }
+
+/// The document says what the handlers enforce (schemathesis found these
+/// gaps: `scripts/api-check`): room names and sender fields with their
+/// limits, `since` and `limit` as query parameters with their ranges, and
+/// the challenge header on 401.
+#[tokio::test]
+async fn the_openapi_document_states_the_limits_the_handlers_enforce() {
+    let server = TestServer::start(config()).await;
+    let (_, _, text) = http_get(server.http, "/api/openapi.json").await;
+    let doc: Value = serde_json::from_str(&text).expect("JSON");
+    let history = &doc["paths"]["/api/rooms/{room}/messages"]["get"];
+    let param = |name: &str| {
+        history["parameters"]
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no parameter {name}"))
+            .clone()
+    };
+    let room = param("room");
+    assert_eq!(room["in"], "path");
+    assert_eq!(room["schema"]["minLength"], 1);
+    assert_eq!(room["schema"]["maxLength"], 64);
+    assert_eq!(room["schema"]["pattern"], r"^[\p{Alpha}\p{N}._-]{1,64}$");
+    let since = param("since");
+    assert_eq!(
+        (since["in"].as_str(), since["required"].as_bool()),
+        (Some("query"), Some(false))
+    );
+    assert_eq!(since["schema"]["maximum"], json!(u64::MAX));
+    let limit = param("limit");
+    assert_eq!(limit["in"], "query");
+    assert_eq!(
+        (
+            limit["schema"]["minimum"].clone(),
+            limit["schema"]["maximum"].clone()
+        ),
+        (json!(1), json!(1000))
+    );
+    let sender = &doc["components"]["schemas"]["Sender"]["properties"];
+    for field in ["id", "name"] {
+        assert_eq!(sender[field]["minLength"], 1, "{field}");
+        assert_eq!(sender[field]["maxLength"], 256, "{field}");
+    }
+    let unauthorized = &doc["paths"]["/api/rooms"]["get"]["responses"]["401"];
+    assert!(unauthorized["headers"]["WWW-Authenticate"].is_object());
+
+    // And the handlers agree at the edges the document now gives.
+    let long_room = "é".repeat(64);
+    for (path, want) in [
+        (format!("/api/rooms/{long_room}/messages"), 200),
+        (format!("/api/rooms/{long_room}x/messages"), 400),
+    ] {
+        let (status, _) = call(server.http, "POST", &path, Some(json!({"data": "x"}))).await;
+        assert_eq!(status, want, "{path}");
+    }
+    let name = "n".repeat(256);
+    let (status, _) = call(
+        server.http,
+        "POST",
+        "/api/rooms/r/messages",
+        Some(json!({"data": "x", "from": {"id": "i", "name": name}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = call(
+        server.http,
+        "POST",
+        "/api/rooms/r/messages",
+        Some(json!({"data": "x", "from": {"id": "i", "name": format!("{name}n")}})),
+    )
+    .await;
+    assert_eq!(status, 422);
+    for (query, want) in [
+        (format!("since={}&limit=1000", u64::MAX), 200),
+        ("since=18446744073709551616".to_string(), 400),
+        ("limit=1001".to_string(), 400),
+    ] {
+        let (status, _) = call(
+            server.http,
+            "GET",
+            &format!("/api/rooms/r/messages?{query}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, want, "{query}");
+    }
+}
