@@ -201,7 +201,11 @@ impl Auth {
         if !allowed {
             return Err(refusal(403, "the token does not allow this room"));
         }
-        let name = claims.name.unwrap_or_else(|| claims.sub.clone());
+        // An empty name is no name: others see the id.
+        let name = claims
+            .name
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| claims.sub.clone());
         if claims.sub.is_empty()
             || claims.sub.chars().count() > MAX_CLAIM_CHARS
             || name.chars().count() > MAX_CLAIM_CHARS
