@@ -25,6 +25,11 @@
 # over the whole hubbub-bench run (connect, send, drain, close):
 #   hubbub CPU s   CPU seconds of the node(s), summed (utime+stime)
 #   redis CPU s    CPU seconds of redis-server
+#   bench CPU s    CPU seconds of hubbub-bench
+#   other CPU s    CPU seconds the rest of the machine used meanwhile (the
+#                  machine's total from /proc/stat less the three above):
+#                  noise, as another build or test run on the machine skews
+#                  every figure
 #   cmds/msg       Redis commands per message sent: the growth of the calls
 #                  in `INFO commandstats` (every command, those the Lua
 #                  scripts run included; the INFO calls of this script not)
@@ -34,8 +39,8 @@
 #   XREAD/msg      the nodes' blocking reads of the events stream per message
 #   msgs/batch     messages per publish script call (EVALSHA + EVAL): one
 #                  round trip from a node to Redis per batch
-# The calls of each command (those the scripts run included) are kept per
-# run in the -redis.tsv file.
+# The calls of each command (those the scripts run included) and the
+# microseconds Redis spent in it are kept per run in the -redis.tsv file.
 #
 # Environment:
 #   SCENARIOS   subset of "fanout-100 fanout-1000 saturate-100" (default all)
@@ -154,26 +159,34 @@ ticks_to_secs() { awk -v t="$1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f"
 
 # Calls per command Redis ran, "name calls" lines (commandstats counts the
 # commands scripts run as well as those clients send).
-redis_calls() { # port
+redis_calls() { # port: "name calls usec" lines
     redis-cli -p "$1" INFO commandstats | tr -d '\r' |
-        awk -F'[_:=,]' '/^cmdstat_/ {print $2, $4}' | sort
+        awk -F'[_:=,]' '/^cmdstat_/ {print $2, $4, $6}' | sort
 }
 
 # The growth between two redis_calls files: "all evalsha xread breakdown"
 # (all: every command but INFO; evalsha: calls of the publish script,
 # EVALSHA and EVAL, one per batch; xread: the nodes' blocking reads;
-# breakdown: name=calls,... by calls).
+# breakdown: name=calls/usec,... where usec is the time Redis spent in the
+# command, for EVALSHA the whole script).
 redis_delta() { # before after
-    join -a 2 -e 0 -o 0,1.2,2.2 "$1" "$2" | awk '
-        $1 != "info" { d = $3 - $2; if (d > 0) { all += d; line[$1] = d } }
-        $1 == "evalsha" || $1 == "eval" { ev += $3 - $2 }
-        $1 == "xread" { xr += $3 - $2 }
+    join -a 2 -e 0 -o 0,1.2,1.3,2.2,2.3 "$1" "$2" | awk '
+        $1 != "info" { d = $4 - $2; if (d > 0) { all += d; line[$1] = d "/" ($5 - $3) } }
+        $1 == "evalsha" || $1 == "eval" { ev += $4 - $2 }
+        $1 == "xread" { xr += $4 - $2 }
         END {
             b = ""
-            for (c in line) b = b sprintf("%s%s=%d", b == "" ? "" : ",", c, line[c])
+            for (c in line) b = b sprintf("%s%s=%s", b == "" ? "" : ",", c, line[c])
             print all + 0, ev + 0, xr + 0, (b == "" ? "-" : b)
         }'
 }
+
+# CPU ticks the whole machine used so far.
+machine_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+
+# CPU ticks of this script's waited-for children (hubbub-bench, as `timeout`
+# waits for it and the script for `timeout`).
+children_ticks() { sed 's/.*) //' "/proc/$$/stat" | awk '{print $14 + $15}'; }
 
 wait_listening() { # pid port name logfile
     for _ in $(seq 1 100); do
@@ -252,6 +265,9 @@ run_bench() { # setup scenario pair args...
     # The standalone node's CPU and RSS in hubbub-bench's own figures too.
     [[ $setup == standalone ]] && pid_args=(--server-pid "${NODE_PIDS[0]}")
     log "$scenario, $setup (pair $pair): hubbub-bench $* --url $URLS"
+    local before_machine before_children
+    before_machine=$(machine_ticks)
+    before_children=$(children_ticks)
     before_nodes=$(cpu_ticks "${NODE_PIDS[@]}")
     if [[ -n $REDIS_PID ]]; then
         before_redis=$(cpu_ticks "$REDIS_PID")
@@ -260,10 +276,14 @@ run_bench() { # setup scenario pair args...
     # shellcheck disable=SC2086
     timeout 600 "$BENCH" "$@" --url "$URLS" "${pid_args[@]}" --server-name "$setup" \
         --label "$scenario" --json-out "$RESULTS" --no-progress $BENCH_ARGS >&2
-    local nodes_secs redis_secs="-" sent delta="0 0 0 -"
-    nodes_secs=$(ticks_to_secs $(( $(cpu_ticks "${NODE_PIDS[@]}") - before_nodes )))
+    local nodes_ticks redis_ticks=0 machine tool other nodes_secs redis_secs="-" sent delta="0 0 0 -"
+    machine=$(( $(machine_ticks) - before_machine ))
+    tool=$(( $(children_ticks) - before_children ))
+    nodes_ticks=$(( $(cpu_ticks "${NODE_PIDS[@]}") - before_nodes ))
+    nodes_secs=$(ticks_to_secs "$nodes_ticks")
     if [[ -n $REDIS_PID ]]; then
-        redis_secs=$(ticks_to_secs $(( $(cpu_ticks "$REDIS_PID") - before_redis )))
+        redis_ticks=$(( $(cpu_ticks "$REDIS_PID") - before_redis ))
+        redis_secs=$(ticks_to_secs "$redis_ticks")
         redis_calls "$REDIS_AT" >"$calls1"
         delta=$(redis_delta "$calls0" "$calls1")
     fi
@@ -272,13 +292,17 @@ run_bench() { # setup scenario pair args...
     local warnings all evalsha xread breakdown
     warnings=$(cat "${NODE_LOGS[@]}" | grep -c -E 'WARN|ERROR' || true)
     read -r all evalsha xread breakdown <<<"$delta"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$setup" "$pair" "$sent" \
-        "$nodes_secs" "$redis_secs" "$all" "$evalsha" "$xread" "$warnings" "$breakdown" >>"$EXTRA"
+    # What the rest of the machine used meanwhile (another build, tests):
+    # all CPU but the nodes', Redis's and hubbub-bench's.
+    other=$(ticks_to_secs $(( machine - nodes_ticks - redis_ticks - tool )))
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$setup" "$pair" "$sent" \
+        "$nodes_secs" "$redis_secs" "$all" "$evalsha" "$xread" "$warnings" \
+        "$(ticks_to_secs "$tool")" "$other" "$breakdown" >>"$EXTRA"
 }
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mkdir -p "$OUT_DIR" "$LOGS"
-printf 'scenario\tsetup\tpair\tsent\thubbub_cpu_s\tredis_cpu_s\tredis_cmds\tpublish_calls\txread_calls\tlog_warnings\tcommand_calls\n' >"$EXTRA"
+printf 'scenario\tsetup\tpair\tsent\thubbub_cpu_s\tredis_cpu_s\tredis_cmds\tpublish_calls\txread_calls\tlog_warnings\tbench_cpu_s\tother_cpu_s\tcalls_usec\n' >"$EXTRA"
 
 log "building release binaries"
 cargo build --release -p hubbub -p hubbub-bench >&2
@@ -308,29 +332,30 @@ done
 
 # One line per run, hubbub-bench's figures joined with this script's (TSV):
 # scenario setup pair p50 p99 deliveries/s ratio lost sent hubbub-cpu
-# redis-cpu cmds/msg xread/msg msgs/batch warnings.
+# redis-cpu cmds/msg xread/msg msgs/batch warnings bench-cpu other-cpu.
 ROWS="$OUT_DIR/cluster-$STAMP-rows.tsv"
 i=0
-while IFS=$'\t' read -r scenario setup pair sent hcpu rcpu cmds calls xread warnings _; do
+while IFS=$'\t' read -r scenario setup pair sent hcpu rcpu cmds calls xread warnings bcpu other _; do
     [[ $scenario == scenario ]] && continue
     i=$((i + 1))
     sed -n "${i}p" "$RESULTS" | jq -r --arg hcpu "$hcpu" --arg rcpu "$rcpu" --arg cmds "$cmds" \
-        --arg xread "$xread" --arg calls "$calls" --arg warnings "$warnings" --arg pair "$pair" '
+        --arg xread "$xread" --arg calls "$calls" --arg warnings "$warnings" --arg pair "$pair" \
+        --arg bcpu "$bcpu" --arg other "$other" '
         def per(x): if (.sent // 0) == 0 or x == "0" then "-" else ((x | tonumber) / .sent) end;
         [.label, .server, $pair, .latency.p50_ms, .latency.p99_ms, .deliveries_per_sec,
          .delivery_ratio, .lost, .sent, $hcpu, $rcpu, per($cmds), per($xread),
-         (if $calls == "0" then "-" else .sent / ($calls | tonumber) end), $warnings]
+         (if $calls == "0" then "-" else .sent / ($calls | tonumber) end), $warnings, $bcpu, $other]
         | map(if . == null then "-" else tostring end) | @tsv'
 done <"$EXTRA" >"$ROWS"
 
 runs_table() {
-    echo "| scenario | setup | pair | p50 ms | p99 ms | deliveries/s | delivery ratio | lost | sent | hubbub CPU s | Redis CPU s | Redis cmds/msg | XREAD/msg | msgs/batch | node log warnings |"
-    echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| scenario | setup | pair | p50 ms | p99 ms | deliveries/s | delivery ratio | lost | sent | hubbub CPU s | Redis CPU s | Redis cmds/msg | XREAD/msg | msgs/batch | node log warnings | bench CPU s | other CPU s |"
+    echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     awk -F'\t' '
         function n(v, fmt) { return v == "-" ? "-" : sprintf(fmt, v) }
-        { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+        { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
             $1, $2, $3, n($4, "%.3f"), n($5, "%.3f"), n($6, "%.0f"), n($7, "%.4f"), $8, $9,
-            $10, $11, n($12, "%.2f"), n($13, "%.3f"), n($14, "%.1f"), $15 }' "$ROWS"
+            $10, $11, n($12, "%.2f"), n($13, "%.3f"), n($14, "%.1f"), $15, $16, $17 }' "$ROWS"
 }
 
 # Means over the pairs, and the cluster's against standalone's.
