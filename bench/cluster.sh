@@ -3,7 +3,7 @@
 # redis-server), alternated in one run on 127.0.0.1, and a table of both.
 # Needs: cargo, redis-server and redis-cli (Redis 7), jq.
 #
-#   bench/cluster.sh                     # 2 pairs of each scenario, ~6 minutes
+#   bench/cluster.sh                     # 2 pairs of each scenario, ~3 minutes
 #   PAIRS=3 DURATION=5 bench/cluster.sh
 #
 # For each pair and scenario it runs one standalone node and one cluster
@@ -27,9 +27,10 @@
 #   redis CPU s    CPU seconds of redis-server
 #   bench CPU s    CPU seconds of hubbub-bench
 #   other CPU s    CPU seconds the rest of the machine used meanwhile (the
-#                  machine's total from /proc/stat less the three above):
-#                  noise, as another build or test run on the machine skews
-#                  every figure
+#                  machine's total from /proc/stat less the three above,
+#                  never below 0): noise, as another build or test run on
+#                  the machine skews every figure. A rough sign only: in a
+#                  VM /proc/stat can count less than the processes' times
 #   cmds/msg       Redis commands per message sent: the growth of the calls
 #                  in `INFO commandstats` (every command, those the Lua
 #                  scripts run included; the INFO calls of this script not)
@@ -293,8 +294,10 @@ run_bench() { # setup scenario pair args...
     warnings=$(cat "${NODE_LOGS[@]}" | grep -c -E 'WARN|ERROR' || true)
     read -r all evalsha xread breakdown <<<"$delta"
     # What the rest of the machine used meanwhile (another build, tests):
-    # all CPU but the nodes', Redis's and hubbub-bench's.
-    other=$(ticks_to_secs $(( machine - nodes_ticks - redis_ticks - tool )))
+    # all CPU but the nodes', Redis's and hubbub-bench's, never below 0 (in
+    # a VM /proc/stat can count less than the processes' own times).
+    other=$(( machine - nodes_ticks - redis_ticks - tool ))
+    other=$(ticks_to_secs $(( other < 0 ? 0 : other )))
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$setup" "$pair" "$sent" \
         "$nodes_secs" "$redis_secs" "$all" "$evalsha" "$xread" "$warnings" \
         "$(ticks_to_secs "$tool")" "$other" "$breakdown" >>"$EXTRA"
