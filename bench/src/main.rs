@@ -109,8 +109,17 @@ impl From<ProtocolArg> for Protocol {
 struct CommonArgs {
     /// WebSocket URL of the server: ws://, or wss:// (TLS; any certificate
     /// is accepted: the run measures the server's TLS, not its identity).
-    #[arg(long, default_value = "ws://127.0.0.1:8081/")]
-    url: String,
+    /// Several nodes of one cluster: repeat --url or separate the URLs with
+    /// commas; connections go round robin over them (client i to URL
+    /// i mod count, or with --rooms N the members of each room in turn), so
+    /// senders and readers are spread alike.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 1,
+        default_value = "ws://127.0.0.1:8081/"
+    )]
+    url: Vec<String>,
     /// What the clients speak: raw (no subprotocol) or hubbub.v1 (JSON
     /// envelopes; loss and order checked on the room's offsets).
     #[arg(long, value_enum, default_value = "raw")]
@@ -299,7 +308,8 @@ fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
 }
 
 fn common_of(a: &CommonArgs) -> anyhow::Result<Common> {
-    let mut c = Common::new(&a.url);
+    let urls: Vec<&str> = a.url.iter().map(String::as_str).collect();
+    let mut c = Common::with_urls(&urls);
     c.batch = a.batch.max(1);
     c.batch_pause = Duration::from_millis(a.batch_pause_ms);
     c.connect_timeout = secs(a.connect_timeout, "--connect-timeout")?;

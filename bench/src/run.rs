@@ -24,7 +24,10 @@ use crate::tracker::{self, Counts};
 /// Settings every mode shares.
 #[derive(Debug, Clone)]
 pub struct Common {
-    pub url: String,
+    /// WebSocket URLs of the server, or of several nodes serving the same
+    /// clients (a cluster): connections are spread over them, see
+    /// [`Common::url_index`].
+    pub urls: Vec<String>,
     /// Connections opened concurrently per ramp step.
     pub batch: usize,
     /// Pause between ramp steps.
@@ -51,8 +54,13 @@ pub struct Common {
 
 impl Common {
     pub fn new(url: &str) -> Self {
+        Common::with_urls(&[url])
+    }
+
+    /// Settings for several nodes' URLs (at least one).
+    pub fn with_urls(urls: &[&str]) -> Self {
         Common {
-            url: url.to_string(),
+            urls: urls.iter().map(|u| u.to_string()).collect(),
             batch: 100,
             batch_pause: Duration::ZERO,
             connect_timeout: Duration::from_secs(10),
@@ -77,6 +85,21 @@ impl Common {
     /// Client `i`'s room number (0 when the URL's path is used).
     pub fn room_of(&self, i: usize) -> u32 {
         (i % self.room_count() as usize) as u32
+    }
+
+    /// The URLs as one string: the URL, or several joined by commas.
+    pub fn url_label(&self) -> String {
+        self.urls.join(",")
+    }
+
+    /// Which of `urls` client `i` connects to: round robin over the
+    /// members of each room. Client `i` is the `i / rooms`-th member of
+    /// room `i % rooms`, and goes to URL `(i / rooms) % urls`; with one room
+    /// that is `i % urls`, so the first S clients (the senders) are spread
+    /// like the readers. Every room gets members on every URL as long as
+    /// it has as many members as there are URLs.
+    pub fn url_index(&self, i: usize) -> usize {
+        (i / self.room_count() as usize) % self.urls.len().max(1)
     }
 
     /// Client `i`'s room path to join, if rooms were asked for.
@@ -577,11 +600,24 @@ fn source_ips_for(common: &Common, clients: usize) -> usize {
     }
 }
 
-/// Opens `count` connections in batches; `opts_for(i)` gives each one's
-/// socket options. Returns them in order (None = failed) and the errors.
+/// Resolves every URL of the run, in order.
+async fn resolve_targets(common: &Common) -> anyhow::Result<Vec<Target>> {
+    if common.urls.is_empty() {
+        bail!("no URL to connect to");
+    }
+    let mut targets = Vec::with_capacity(common.urls.len());
+    for url in &common.urls {
+        targets.push(Target::resolve(url).await?);
+    }
+    Ok(targets)
+}
+
+/// Opens `count` connections in batches, connection `i` to
+/// `targets[common.url_index(i)]`; `opts_for(i)` gives each one's socket
+/// options. Returns them in order (None = failed) and the errors.
 async fn ramp(
     common: &Common,
-    target: &Target,
+    targets: &[Target],
     count: usize,
     opts_for: impl Fn(usize) -> ConnectOpts,
 ) -> (Vec<Option<Stream>>, Vec<String>, f64) {
@@ -595,7 +631,7 @@ async fn ramp(
         let end = (i + batch).min(count);
         let mut set = tokio::task::JoinSet::new();
         for j in i..end {
-            let t = target.clone();
+            let t = targets[common.url_index(j)].clone();
             let opts = opts_for(j);
             let timeout = common.connect_timeout;
             set.spawn(async move { (j, conn::connect(&t, opts, timeout).await) });
@@ -812,7 +848,7 @@ fn base_report(mode: &str, common: &Common, clients: usize) -> Report {
         room_paths: common.rooms.is_some(),
         label: common.label.clone(),
         server: common.server_name.clone(),
-        url: common.url.clone(),
+        url: common.url_label(),
         clients: clients as u64,
         tool_threads: common.threads as u64,
         server_pid: common.server_pid,
@@ -826,7 +862,7 @@ fn base_report(mode: &str, common: &Common, clients: usize) -> Report {
 #[allow(clippy::too_many_arguments)]
 async fn connect_clients(
     common: &Common,
-    target: &Target,
+    targets: &[Target],
     clients: usize,
     senders: usize,
     slow: usize,
@@ -837,8 +873,8 @@ async fn connect_clients(
 ) -> anyhow::Result<Vec<Client>> {
     let ips = source_ips_for(common, clients);
     let first_slow = clients - slow;
-    let (streams, errors, secs) = ramp(common, target, clients, |i| ConnectOpts {
-        source: conn::source_addr(i, ips, &target.addr),
+    let (streams, errors, secs) = ramp(common, targets, clients, |i| ConnectOpts {
+        source: conn::source_addr(i, ips, &targets[common.url_index(i)].addr),
         recv_buffer: if i >= first_slow {
             slow_recv_buffer
         } else {
@@ -981,7 +1017,7 @@ pub async fn fanout(common: &Common, cfg: &FanoutCfg) -> anyhow::Result<Report> 
         bail!("--rate must be a positive number of messages per second");
     }
     let _ = sys::raise_nofile_limit();
-    let target = Target::resolve(&common.url).await?;
+    let targets = resolve_targets(common).await?;
     let mut report = base_report("fanout", common, cfg.clients);
     report.senders = Some(cfg.senders as u64);
     report.slow = Some(cfg.slow as u64);
@@ -993,7 +1029,7 @@ pub async fn fanout(common: &Common, cfg: &FanoutCfg) -> anyhow::Result<Report> 
     let (stop_readers_tx, stop_readers) = watch::channel(false);
     let mut clients = connect_clients(
         common,
-        &target,
+        &targets,
         cfg.clients,
         cfg.senders,
         cfg.slow,
@@ -1165,7 +1201,7 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
         bail!("--window must be at least 1");
     }
     let _ = sys::raise_nofile_limit();
-    let target = Target::resolve(&common.url).await?;
+    let targets = resolve_targets(common).await?;
     let mut report = base_report("saturate", common, cfg.clients);
     report.senders = Some(cfg.senders as u64);
     report.window = Some(cfg.window);
@@ -1177,7 +1213,7 @@ pub async fn saturate(common: &Common, cfg: &SaturateCfg) -> anyhow::Result<Repo
     let (stop_readers_tx, stop_readers) = watch::channel(false);
     let mut clients = connect_clients(
         common,
-        &target,
+        &targets,
         cfg.clients,
         cfg.senders,
         0,
@@ -1327,7 +1363,7 @@ pub async fn flood(common: &Common, cfg: &FloodCfg) -> anyhow::Result<Report> {
         bail!("--read-rate must be a positive number of messages per second");
     }
     let _ = sys::raise_nofile_limit();
-    let target = Target::resolve(&common.url).await?;
+    let targets = resolve_targets(common).await?;
     let mut report = base_report("flood", common, cfg.readers + 1);
     report.senders = Some(1);
     report.size = Some(cfg.size as u64);
@@ -1342,7 +1378,7 @@ pub async fn flood(common: &Common, cfg: &FloodCfg) -> anyhow::Result<Report> {
     // Client 0 is the flooder; 1..=readers read.
     let mut clients = connect_clients(
         common,
-        &target,
+        &targets,
         cfg.readers + 1,
         1,
         0,
@@ -1507,7 +1543,7 @@ pub async fn idle(common: &Common, cfg: &IdleCfg) -> anyhow::Result<Report> {
         );
     }
     check_rooms(common)?;
-    let target = Target::resolve(&common.url).await?;
+    let targets = resolve_targets(common).await?;
     let mut report = base_report("idle", common, cfg.clients);
     // No sender: every data message is foreign, except hubbub.v1's hello
     // and presence envelopes, which are skipped.
@@ -1529,8 +1565,8 @@ pub async fn idle(common: &Common, cfg: &IdleCfg) -> anyhow::Result<Report> {
     };
     let (stop_tx, stop) = watch::channel(false);
     let ips = source_ips_for(common, cfg.clients);
-    let (streams, errors, secs) = ramp(common, &target, cfg.clients, |i| ConnectOpts {
-        source: conn::source_addr(i, ips, &target.addr),
+    let (streams, errors, secs) = ramp(common, &targets, cfg.clients, |i| ConnectOpts {
+        source: conn::source_addr(i, ips, &targets[common.url_index(i)].addr),
         recv_buffer: None,
         room: common.room_path_of(i),
         protocol: common.protocol,

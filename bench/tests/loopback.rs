@@ -60,17 +60,30 @@ fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
 struct TestServer {
     addr: SocketAddr,
     pongs: Arc<AtomicU64>,
+    /// WebSocket connections accepted.
+    accepted: Arc<AtomicU64>,
+    /// Data messages received from clients.
+    taken: Arc<AtomicU64>,
 }
 
 /// A broadcast server: every text/binary message goes to every connection,
 /// the sender included, in one global order. Each connection is greeted
 /// with a text message and a ping right after the handshake.
 async fn start_server(opts: ServerOpts) -> TestServer {
+    let (tx, _) = broadcast::channel::<Message>(1 << 16);
+    start_server_sharing(opts, tx).await
+}
+
+/// A node of a cluster of test servers: every server started with the same
+/// `tx` relays what any of them takes to all their connections.
+async fn start_server_sharing(opts: ServerOpts, tx: broadcast::Sender<Message>) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (tx, _) = broadcast::channel::<Message>(1 << 16);
     let pongs = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let taken_total = Arc::new(AtomicU64::new(0));
     let p = pongs.clone();
+    let (acc, tt) = (accepted.clone(), taken_total.clone());
     let acceptor = opts.tls.then(tls_acceptor);
     tokio::spawn(async move {
         loop {
@@ -79,6 +92,7 @@ async fn start_server(opts: ServerOpts) -> TestServer {
             };
             let tx = tx.clone();
             let pongs = p.clone();
+            let (accepted, taken_total) = (acc.clone(), tt.clone());
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let mut rx = tx.subscribe();
@@ -92,6 +106,7 @@ async fn start_server(opts: ServerOpts) -> TestServer {
                 let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
                     return;
                 };
+                accepted.fetch_add(1, Ordering::Relaxed);
                 let (mut sink, mut stream) = ws.split();
                 // Greet at once: this lands right behind the 101 response.
                 if sink
@@ -112,6 +127,7 @@ async fn start_server(opts: ServerOpts) -> TestServer {
                         m = stream.next() => match m {
                             Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                                 taken += 1;
+                                taken_total.fetch_add(1, Ordering::Relaxed);
                                 if opts.relay_first == 0 || taken <= opts.relay_first {
                                     let _ = tx.send(m);
                                 } else if taken - opts.relay_first > opts.close_after_refused {
@@ -152,7 +168,12 @@ async fn start_server(opts: ServerOpts) -> TestServer {
             });
         }
     });
-    TestServer { addr, pongs }
+    TestServer {
+        addr,
+        pongs,
+        accepted,
+        taken: taken_total,
+    }
 }
 
 fn common(addr: SocketAddr) -> Common {
@@ -208,6 +229,80 @@ async fn fanout_delivers_everything_exactly_once() {
 
 /// The same over wss://: the tool's TLS client, the handshake head read
 /// without swallowing the greeting behind it, exact counts, pings answered.
+/// Two test servers sharing one broadcast channel: a two-node cluster.
+async fn two_nodes() -> (TestServer, TestServer, Common) {
+    let (tx, _) = broadcast::channel::<Message>(1 << 16);
+    let a = start_server_sharing(ServerOpts::default(), tx.clone()).await;
+    let b = start_server_sharing(ServerOpts::default(), tx).await;
+    let mut c = Common::with_urls(&[&format!("ws://{}/", a.addr), &format!("ws://{}/", b.addr)]);
+    c.batch = 4;
+    c.read_buf = 256;
+    (a, b, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_and_saturate_spread_over_two_urls() {
+    let (a, b, c) = two_nodes().await;
+    assert_eq!(c.url_label(), format!("ws://{}/,ws://{}/", a.addr, b.addr));
+    // 7 clients, 3 senders: clients 0, 2, 4, 6 on the first URL (senders 0
+    // and 2), 1, 3, 5 on the second (sender 1).
+    let r = run::fanout(&c, &fanout_cfg(7, 3, 20)).await.unwrap();
+    assert_eq!(a.accepted.load(Ordering::Relaxed), 4);
+    assert_eq!(b.accepted.load(Ordering::Relaxed), 3);
+    assert_eq!(a.taken.load(Ordering::Relaxed), 2 * 20);
+    assert_eq!(b.taken.load(Ordering::Relaxed), 20);
+    assert_eq!(r.url, c.url_label());
+    assert_eq!(r.connected, 7);
+    assert_eq!(r.sent, Some(60));
+    assert_eq!(r.received, Some(60 * 7));
+    assert_eq!(r.delivery_ratio, Some(1.0));
+    assert_eq!(r.lost, Some(0));
+    assert_eq!(r.duplicates, Some(0));
+
+    // saturate: 6 clients, 2 senders, one sender and two readers per node.
+    let (a, b, c) = two_nodes().await;
+    let cfg = SaturateCfg {
+        clients: 6,
+        senders: 2,
+        size: 64,
+        window: 4,
+        max_lag: 200,
+        warmup: Duration::from_millis(100),
+        duration: Duration::from_millis(300),
+        drain: Duration::from_secs(5),
+    };
+    let r = run::saturate(&c, &cfg).await.unwrap();
+    assert_eq!(a.accepted.load(Ordering::Relaxed), 3);
+    assert_eq!(b.accepted.load(Ordering::Relaxed), 3);
+    let sent = r.sent.unwrap();
+    assert!(sent > 0);
+    assert!(a.taken.load(Ordering::Relaxed) > 0);
+    assert!(b.taken.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        a.taken.load(Ordering::Relaxed) + b.taken.load(Ordering::Relaxed),
+        sent
+    );
+    assert_eq!(r.received, Some(sent * 6));
+    assert_eq!(r.lost, Some(0));
+}
+
+#[tokio::test]
+async fn rooms_spread_their_members_over_the_urls() {
+    let c = Common::with_urls(&["ws://127.0.0.1:1/", "ws://127.0.0.1:2/"]);
+    assert_eq!(
+        (0..6).map(|i| c.url_index(i)).collect::<Vec<_>>(),
+        [0, 1, 0, 1, 0, 1]
+    );
+    let mut c = c;
+    c.rooms = Some(3);
+    // Clients 0..3 are the first members of rooms 0..3, 3..6 the second.
+    assert_eq!(
+        (0..12).map(|i| c.url_index(i)).collect::<Vec<_>>(),
+        [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]
+    );
+    assert_eq!(Common::new("ws://127.0.0.1:1/").url_index(5), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_and_saturate_over_wss() {
     let srv = start_server(ServerOpts {
@@ -216,7 +311,7 @@ async fn fanout_and_saturate_over_wss() {
     })
     .await;
     let mut c = common(srv.addr);
-    c.url = format!("wss://{}/", srv.addr);
+    c.urls = vec![format!("wss://{}/", srv.addr)];
     let r = run::fanout(&c, &fanout_cfg(4, 2, 30)).await.unwrap();
     assert_eq!(r.url, format!("wss://{}/", srv.addr));
     assert_eq!(r.connected, 4);
