@@ -447,7 +447,9 @@ pub struct RoomBody {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RoomsBody {
-    /// The rooms this node hosts, by name.
+    /// The rooms with peers, by name: on every node when there are
+    /// several (as Redis knows them), else this node's (those with history
+    /// and nobody in them included).
     pub rooms: Vec<RoomBody>,
 }
 
@@ -459,18 +461,32 @@ pub struct RoomsBody {
         (status = 401, description = "Missing or wrong API key", body = ApiError,
             headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 429, description = "Over the key's rate limit", body = ApiError),
+        (status = 503, description = "A cluster node cannot reach Redis to list every node's rooms", body = ApiError),
     ),
     security(("bearer" = []))
 )]
 async fn list_rooms(State(api): State<Shared>) -> Response {
-    let rooms = api
-        .rooms
-        .list()
+    let listed = match api.rooms.cluster() {
+        Some(cluster) => match cluster.rooms().await {
+            Ok(rooms) => rooms,
+            Err(_) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cannot reach the cluster to list its rooms; try again",
+                )
+            }
+        },
+        None => api
+            .rooms
+            .list()
+            .into_iter()
+            .map(|(name, online)| (name.to_string(), online))
+            .collect(),
+    };
+    let rooms = listed
         .into_iter()
-        .map(|(name, online)| RoomBody {
-            name: name.to_string(),
-            online,
-        })
+        .into_iter()
+        .map(|(name, online)| RoomBody { name, online })
         .collect();
     Json(RoomsBody { rooms }).into_response()
 }

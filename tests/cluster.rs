@@ -907,3 +907,44 @@ async fn an_api_removal_on_one_node_closes_the_user_on_another() {
     let (frame, _) = expect_close(&mut spammer).await;
     assert_eq!(frame.code, CloseCode::Library(4003));
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn the_api_lists_rooms_of_every_node() {
+    const KEY: &str = "a cluster API key for listing rooms, long enough";
+    let redis = Redis::start();
+    let config = || Config {
+        api_key: Some(hubbub::config::Secret(KEY.into())),
+        ..node_config(&redis)
+    };
+    let (a, b) = (
+        TestServer::start(config()).await,
+        TestServer::start(config()).await,
+    );
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let _here = v1(a.ws, "/rooms/on-a").await;
+    let _there = (v1(b.ws, "/rooms/on-b").await, v1(b.ws, "/rooms/on-b").await);
+    let bearer = format!("Bearer {KEY}");
+    let want = serde_json::json!({"rooms": [
+        {"name": "on-a", "online": 1},
+        {"name": "on-b", "online": 2},
+    ]});
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _, body) = http_request(
+            a.http,
+            "GET",
+            "/api/rooms",
+            &[("Authorization", bearer.as_str())],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let got: Value = serde_json::from_str(&body).expect("JSON");
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node a lists {got}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

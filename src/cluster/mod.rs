@@ -452,6 +452,57 @@ impl Cluster {
         Ok(())
     }
 
+    /// Every room with peers on any node, with their count: from the
+    /// presence every node reports (see [`watcher`]). Bounded: at most
+    /// [`MAX_LISTED`] rooms.
+    pub async fn rooms(&self) -> Result<Vec<(String, usize)>, LinkError> {
+        let mut conn = self.connect(RESPONSE_TIMEOUT).await?;
+        let now: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms = now.0 * 1000 + now.1 / 1000;
+        let fresh_after = now_ms.saturating_sub(PRESENCE_TTL.as_millis() as u64);
+        let pattern = format!("{}room:*:online", self.prefix);
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 || keys.len() >= MAX_LISTED {
+                break;
+            }
+        }
+        keys.truncate(MAX_LISTED);
+        let mut rooms = Vec::new();
+        for chunk in keys.chunks(500) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("HGETALL").arg(key);
+            }
+            let replies: Vec<redis::Value> = pipe.ignore_errors().query_async(&mut conn).await?;
+            for (key, reply) in chunk.iter().zip(replies) {
+                let Some(name) = key
+                    .strip_prefix(&format!("{}room:", self.prefix))
+                    .and_then(|k| k.strip_suffix(":online"))
+                else {
+                    continue;
+                };
+                let online = presence_total(reply, fresh_after);
+                if online > 0 && crate::protocol::valid_room_name(name) {
+                    rooms.push((name.to_string(), online));
+                }
+            }
+        }
+        rooms.sort();
+        Ok(rooms)
+    }
+
     /// A new connection with the node's deadlines.
     async fn connect(&self, response: Duration) -> Result<MultiplexedConnection, LinkError> {
         let config = AsyncConnectionConfig::new()
@@ -506,6 +557,37 @@ pub enum LinkError {
     Timeout,
     #[error("Redis answered the {0} script with something it does not return")]
     Reply(&'static str),
+}
+
+/// Most rooms `GET /api/rooms` lists from Redis.
+pub const MAX_LISTED: usize = 100_000;
+
+/// The peers an `online` hash reports, counting only nodes heard from
+/// after `fresh_after` (ms); anything not hubbub's counts nothing.
+fn presence_total(reply: redis::Value, fresh_after: u64) -> usize {
+    let values: Vec<String> = match reply {
+        redis::Value::Map(pairs) => pairs.iter().filter_map(|(_, v)| scripts::text(v)).collect(),
+        other => match other.into_sequence() {
+            // field, value, field, value, ...
+            Ok(items) => items
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .filter_map(scripts::text)
+                .collect(),
+            Err(_) => return 0,
+        },
+    };
+    values
+        .iter()
+        .filter_map(|v| {
+            let (peers, at) = v.split_once(':')?;
+            let at: u64 = at.parse().ok()?;
+            (at >= fresh_after)
+                .then(|| peers.parse::<usize>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// A node id made up at start: unique per process (host-independent: the
