@@ -485,7 +485,6 @@ async fn list_rooms(State(api): State<Shared>) -> Response {
     };
     let rooms = listed
         .into_iter()
-        .into_iter()
         .map(|(name, online)| RoomBody { name, online })
         .collect();
     Json(RoomsBody { rooms }).into_response()
