@@ -96,6 +96,20 @@ async fn v1_messages(ws: &mut Ws, n: usize) -> Vec<(u64, String)> {
     out
 }
 
+/// A token for `sub` signed with `secret`, valid for ten minutes.
+fn token(secret: &str, sub: &str, name: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 600)
+        .unwrap_or(0);
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": sub, "name": name, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token")
+}
+
 fn texts(messages: &[(u64, String)]) -> Vec<String> {
     messages.iter().map(|(_, d)| d.clone()).collect()
 }
@@ -709,7 +723,6 @@ async fn two_deployments_share_one_redis_by_prefix() {
 #[tokio::test]
 #[ignore = "needs redis-server"]
 async fn a_verified_sender_is_stamped_on_every_node() {
-    use jsonwebtoken::{encode, EncodingKey, Header};
     const SECRET: &str = "a cluster test secret, long enough for HS256";
     let redis = Redis::start();
     let config = || Config {
@@ -723,16 +736,7 @@ async fn a_verified_sender_is_stamped_on_every_node() {
     );
     wait_ready(&a, true).await;
     wait_ready(&b, true).await;
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() + 600)
-        .unwrap_or(0);
-    let token = encode(
-        &Header::default(),
-        &serde_json::json!({"sub": "u9", "name": "Nine", "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token");
+    let token = token(SECRET, "u9", "Nine");
     let (mut signed, _) = v1(a.ws, &format!("/rooms/id?token={token}")).await;
     let (mut far, _) = v1(b.ws, "/rooms/id").await;
     send_text(&mut signed, "who am I").await;
@@ -817,7 +821,6 @@ async fn an_api_publish_on_one_node_reaches_peers_on_another() {
 #[tokio::test]
 #[ignore = "needs redis-server"]
 async fn presence_lists_members_from_every_node() {
-    use jsonwebtoken::{encode, EncodingKey, Header};
     const SECRET: &str = "a cluster presence secret, long enough";
     let redis = Redis::start();
     let config = || Config {
@@ -831,18 +834,7 @@ async fn presence_lists_members_from_every_node() {
     );
     wait_ready(&a, true).await;
     wait_ready(&b, true).await;
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() + 600)
-        .unwrap_or(0);
-    let token = |sub: &str| {
-        encode(
-            &Header::default(),
-            &serde_json::json!({"sub": sub, "name": sub.to_uppercase(), "exp": exp}),
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .expect("token")
-    };
+    let token = |sub: &str| token(SECRET, sub, &sub.to_uppercase());
     let (mut alice, _) = v1(a.ws, &format!("/rooms/crew?token={}", token("alice"))).await;
     let (_bob, _) = v1(b.ws, &format!("/rooms/crew?token={}", token("bob"))).await;
     let deadline = Instant::now() + WAIT;
@@ -867,7 +859,6 @@ async fn presence_lists_members_from_every_node() {
 #[tokio::test]
 #[ignore = "needs redis-server"]
 async fn an_api_removal_on_one_node_closes_the_user_on_another() {
-    use jsonwebtoken::{encode, EncodingKey, Header};
     const SECRET: &str = "a cluster removal secret, long enough";
     const KEY: &str = "a cluster API key that is long enough too";
     let redis = Redis::start();
@@ -883,16 +874,7 @@ async fn an_api_removal_on_one_node_closes_the_user_on_another() {
     );
     wait_ready(&a, true).await;
     wait_ready(&b, true).await;
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() + 600)
-        .unwrap_or(0);
-    let token = encode(
-        &Header::default(),
-        &serde_json::json!({"sub": "spam", "name": "S", "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token");
+    let token = token(SECRET, "spam", "S");
     let (mut spammer, _) = v1(b.ws, &format!("/rooms/calm?token={token}")).await;
     let bearer = format!("Bearer {KEY}");
     let (status, _, body) = http_send(

@@ -380,17 +380,7 @@ impl Cluster {
         known: Option<&(String, Offset)>,
     ) -> Result<Loaded, LinkError> {
         let _slot = self.load_slots.acquire().await;
-        let mut conn = {
-            let mut shared = self.loads.lock().await;
-            match &*shared {
-                Some(conn) => conn.clone(),
-                None => {
-                    let conn = self.connect(RESPONSE_TIMEOUT).await?;
-                    *shared = Some(conn.clone());
-                    conn
-                }
-            }
-        };
+        let mut conn = self.shared_connection().await?;
         let keys = scripts::RoomKeys::new(&self.prefix, room);
         let (epoch, after) = match known {
             Some((epoch, after)) => (epoch.as_str(), *after),
@@ -420,17 +410,7 @@ impl Cluster {
     /// Tells every node to close user `user`'s connections in `room`: an
     /// entry on the events stream, which every node's reader follows.
     pub async fn remove(&self, room: &str, user: &str) -> Result<(), LinkError> {
-        let mut conn = {
-            let mut shared = self.loads.lock().await;
-            match &*shared {
-                Some(conn) => conn.clone(),
-                None => {
-                    let conn = self.connect(RESPONSE_TIMEOUT).await?;
-                    *shared = Some(conn.clone());
-                    conn
-                }
-            }
-        };
+        let mut conn = self.shared_connection().await?;
         let added: Result<redis::Value, RedisError> = redis::cmd("XADD")
             .arg(self.events_key())
             .arg("MAXLEN")
@@ -501,6 +481,18 @@ impl Cluster {
         }
         rooms.sort();
         Ok(rooms)
+    }
+
+    /// The connection loads and removals share, made on first use and
+    /// again after a failure (which drops it).
+    async fn shared_connection(&self) -> Result<MultiplexedConnection, LinkError> {
+        let mut shared = self.loads.lock().await;
+        if let Some(conn) = &*shared {
+            return Ok(conn.clone());
+        }
+        let conn = self.connect(RESPONSE_TIMEOUT).await?;
+        *shared = Some(conn.clone());
+        Ok(conn)
     }
 
     /// A new connection with the node's deadlines.
