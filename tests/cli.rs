@@ -1461,3 +1461,30 @@ fn a_bad_redis_url_exits_2_naming_the_key() {
     cmd.env("HUBBUB_OUTBOX_SIZE", "0");
     config_error(cmd, &["HUBBUB_OUTBOX_SIZE", "key `outbox_size`"]);
 }
+
+#[test]
+fn bad_auth_settings_exit_2_naming_the_key() {
+    let mut cmd = hubbub();
+    cmd.args(["--jwt-public-key", "/nonexistent/hubbub-test.pem"]);
+    config_error(
+        cmd,
+        &["key `jwt_public_key`", "/nonexistent/hubbub-test.pem"],
+    );
+    let garbage = TempFile::new("not a key\n");
+    let mut cmd = hubbub();
+    cmd.args(["--jwt-public-key", &garbage.arg()]);
+    config_error(cmd, &["key `jwt_public_key`", "PEM public key"]);
+    let mut cmd = hubbub();
+    cmd.args(["--auth-mode", "required"]);
+    config_error(cmd, &["key `auth_mode`", "jwt_secret or jwt_public_key"]);
+    let mut cmd = hubbub();
+    cmd.env("HUBBUB_JWT_SECRET", "short and secret");
+    let stderr = config_error(cmd, &["HUBBUB_JWT_SECRET", "at least 32 bytes"]);
+    assert!(
+        !stderr.contains("short and secret"),
+        "the secret leaked: {stderr}"
+    );
+    let mut cmd = hubbub();
+    cmd.args(["--private-rooms", "ok-*,not a room"]);
+    config_error(cmd, &["key `private_rooms`", "not a room"]);
+}
