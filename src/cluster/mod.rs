@@ -169,6 +169,12 @@ pub struct Cluster {
     outbox: mpsc::Sender<Publish>,
     outbox_size: usize,
     seq: AtomicU64,
+    /// The highest publish number of this node's that the reader has read
+    /// back: everything up to it was applied (one publisher applies in
+    /// order), so a retry after a lost reply leaves it out. That also
+    /// holds when Redis lost its data meanwhile, and with it the record
+    /// the publish script checks.
+    own_back: AtomicU64,
     routes: Mutex<HashMap<Arc<str>, Route>>,
     next_route: AtomicU64,
     health: Health,
@@ -236,6 +242,7 @@ impl Cluster {
                     .map(|d| d.as_micros() as u64)
                     .unwrap_or(1),
             ),
+            own_back: AtomicU64::new(0),
             routes: Mutex::new(HashMap::new()),
             next_route: AtomicU64::new(0),
             health: Health {

@@ -71,6 +71,12 @@ pub async fn run(
                 );
                 return;
             }
+            // Already read back: applied, whatever became of the reply.
+            let back = cluster.own_back.load(Relaxed);
+            batch.retain(|p| p.seq > back);
+            if batch.is_empty() {
+                break;
+            }
             match publish(&cluster, &mut conn, &batch).await {
                 Ok(()) => {
                     cluster.set_health(&cluster.health.publisher, true);

@@ -193,6 +193,9 @@ fn live(cluster: &Cluster, mut e: StreamEntry) -> Option<(String, Live)> {
     let own = (e.field("node")? == cluster.node().as_bytes())
         .then_some(seq)
         .flatten();
+    if let Some(seq) = own {
+        cluster.own_back.fetch_max(seq, Relaxed);
+    }
     let kind = e.field("kind")?.to_vec();
     let from = scripts::sender(&e);
     let data = e.take("data")?;
