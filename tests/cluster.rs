@@ -36,6 +36,15 @@ async fn node(redis: &Redis) -> TestServer {
     server
 }
 
+/// Two nodes with the same configuration, both ready.
+async fn two_nodes(config: Config) -> (TestServer, TestServer) {
+    let a = TestServer::start(config.clone()).await;
+    let b = TestServer::start(config).await;
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    (a, b)
+}
+
 async fn readyz(server: &TestServer) -> u16 {
     http_get(server.http, "/readyz").await.0
 }
@@ -730,12 +739,7 @@ async fn a_verified_sender_is_stamped_on_every_node() {
         jwt_secret: Some(hubbub::config::Secret(SECRET.into())),
         ..node_config(&redis)
     };
-    let (a, b) = (
-        TestServer::start(config()).await,
-        TestServer::start(config()).await,
-    );
-    wait_ready(&a, true).await;
-    wait_ready(&b, true).await;
+    let (a, b) = two_nodes(config()).await;
     let token = token(SECRET, "u9", "Nine");
     let (mut signed, _) = v1(a.ws, &format!("/rooms/id?token={token}")).await;
     let (mut far, _) = v1(b.ws, "/rooms/id").await;
@@ -773,12 +777,7 @@ async fn an_api_publish_on_one_node_reaches_peers_on_another() {
         api_key: Some(hubbub::config::Secret(KEY.into())),
         ..node_config(&redis)
     };
-    let (a, b) = (
-        TestServer::start(config()).await,
-        TestServer::start(config()).await,
-    );
-    wait_ready(&a, true).await;
-    wait_ready(&b, true).await;
+    let (a, b) = two_nodes(config()).await;
     let (mut far, hello) = v1(b.ws, "/rooms/alerts").await;
     let bearer = format!("Bearer {KEY}");
     let headers = [
@@ -828,12 +827,7 @@ async fn presence_lists_members_from_every_node() {
         jwt_secret: Some(hubbub::config::Secret(SECRET.into())),
         ..node_config(&redis)
     };
-    let (a, b) = (
-        TestServer::start(config()).await,
-        TestServer::start(config()).await,
-    );
-    wait_ready(&a, true).await;
-    wait_ready(&b, true).await;
+    let (a, b) = two_nodes(config()).await;
     let token = |sub: &str| token(SECRET, sub, &sub.to_uppercase());
     let (mut alice, _) = v1(a.ws, &format!("/rooms/crew?token={}", token("alice"))).await;
     let (_bob, _) = v1(b.ws, &format!("/rooms/crew?token={}", token("bob"))).await;
@@ -868,12 +862,7 @@ async fn an_api_removal_on_one_node_closes_the_user_on_another() {
         api_key: Some(hubbub::config::Secret(KEY.into())),
         ..node_config(&redis)
     };
-    let (a, b) = (
-        TestServer::start(config()).await,
-        TestServer::start(config()).await,
-    );
-    wait_ready(&a, true).await;
-    wait_ready(&b, true).await;
+    let (a, b) = two_nodes(config()).await;
     let token = token(SECRET, "spam", "S");
     let (mut spammer, _) = v1(b.ws, &format!("/rooms/calm?token={token}")).await;
     let bearer = format!("Bearer {KEY}");
@@ -899,12 +888,7 @@ async fn the_api_lists_rooms_of_every_node() {
         api_key: Some(hubbub::config::Secret(KEY.into())),
         ..node_config(&redis)
     };
-    let (a, b) = (
-        TestServer::start(config()).await,
-        TestServer::start(config()).await,
-    );
-    wait_ready(&a, true).await;
-    wait_ready(&b, true).await;
+    let (a, b) = two_nodes(config()).await;
     let _here = v1(a.ws, "/rooms/on-a").await;
     let _there = (v1(b.ws, "/rooms/on-b").await, v1(b.ws, "/rooms/on-b").await);
     let bearer = format!("Bearer {KEY}");

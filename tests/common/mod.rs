@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hubbub::{Config, Server};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -184,27 +184,7 @@ pub async fn http_request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, hyper::HeaderMap, String) {
-    let stream = TcpStream::connect(addr).await.expect("tcp connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("http handshake");
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("Host", addr.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Empty::<Bytes>::new()).expect("request");
-    let res = tokio::time::timeout(WAIT, sender.send_request(req))
-        .await
-        .expect("response in time")
-        .expect("response");
-    let status = res.status().as_u16();
-    let headers = res.headers().clone();
-    let body = res.into_body().collect().await.expect("body").to_bytes();
-    (status, headers, String::from_utf8_lossy(&body).into_owned())
+    http_send(addr, method, path, headers, Vec::new()).await
 }
 
 /// A WebSocket handshake written by hand on a raw TCP socket, for tests that
