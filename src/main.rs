@@ -29,6 +29,9 @@ fn main() -> ExitCode {
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Workers going idle hand back what the allocator cached for them
+        // when rooms have ended (see `hubbub::memory`).
+        .on_thread_park(hubbub::memory::on_park)
         .build()
     {
         Ok(rt) => rt,

@@ -45,7 +45,9 @@ enum Mode {
     Floor(FloorArgs),
     /// Creates N rooms (one connection each: send a message, read it back,
     /// close) and leaves them to expire; reports the server's RSS before, at
-    /// the peak and after. Run the server with a short --history-ttl.
+    /// the peak and after. "Before" comes after a warm-up (--warmup rooms
+    /// created and left to expire first); the cold figure is printed too.
+    /// Run the server with a short --history-ttl.
     Rooms(RoomsArgs),
     /// Prints a side-by-side table from JSON lines written with --json-out.
     Compare(CompareArgs),
@@ -65,6 +67,13 @@ struct RoomsArgs {
     /// Rooms being created at once.
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
+    /// Rooms created and left to expire before "before" is taken, so it
+    /// includes what serving the first room costs once (0: none).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Times the N rooms are created and left to expire, one after another.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Seconds to wait for the rooms to expire (longer than the server's
     /// history_ttl).
     #[arg(long, default_value_t = 15.0)]
@@ -424,24 +433,42 @@ fn main() -> anyhow::Result<()> {
             let cfg = churn::ChurnCfg {
                 url: a.url,
                 rooms: a.rooms,
+                warmup: a.warmup,
+                rounds: a.rounds,
                 concurrency: a.concurrency,
                 settle: secs(a.settle, "--settle")?,
                 server_pid: a.server_pid,
             };
             let r = runtime(2)?.block_on(churn::run(&cfg))?;
+            let rss = |r: churn::Rss| {
+                format!(
+                    "{} KiB (anonymous {}, file-backed {})",
+                    r.total, r.anon, r.file
+                )
+            };
             println!("== hubbub-bench rooms");
+            println!("  server RSS cold              {}", rss(r.cold));
             println!(
-                "  rooms created                {} in {:.1} s",
-                a.rooms,
-                r.created_in.as_secs_f64()
+                "  after {:>5} warm-up rooms    {} ({:+.1}% of cold)",
+                a.warmup,
+                rss(r.warm),
+                (r.warm.total as f64 - r.cold.total as f64) * 100.0 / r.cold.total as f64
             );
-            println!("  server RSS before            {} KiB", r.before);
-            println!("  server RSS peak              {} KiB", r.peak);
-            println!(
-                "  server RSS after expiry      {} KiB ({:+.1}% of before)",
-                r.after,
-                r.after_vs_before()
-            );
+            for (i, round) in r.rounds.iter().enumerate() {
+                println!(
+                    "  round {}: {} rooms created in {:.1} s",
+                    i + 1,
+                    a.rooms,
+                    round.created_in.as_secs_f64()
+                );
+                println!("    server RSS before          {}", rss(round.before));
+                println!("    server RSS peak            {} KiB", round.peak);
+                println!(
+                    "    server RSS after expiry    {} ({:+.1}% of before)",
+                    rss(round.after),
+                    round.after_vs_before()
+                );
+            }
             Ok(())
         }
         Mode::Floor(a) => {

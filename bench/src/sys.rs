@@ -61,8 +61,17 @@ pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
 
 /// VmRSS in KiB from the text of /proc/PID/status.
 pub fn parse_status_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut it = line["VmRSS:".len()..].split_ascii_whitespace();
+    parse_status_kib(status, "VmRSS")
+}
+
+/// The field `key` (`VmRSS`, `RssAnon`, `RssFile`), in KiB, from the text
+/// of /proc/PID/status.
+pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| {
+        l.strip_prefix(key)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
+    let mut it = line[key.len() + 1..].split_ascii_whitespace();
     let v: u64 = it.next()?.parse().ok()?;
     match it.next() {
         Some("kB") | None => Some(v),
@@ -80,6 +89,18 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
 pub fn proc_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     parse_status_rss_kib(&s)
+}
+
+/// Resident memory of process `pid`, KiB: (RSS, of which anonymous, of
+/// which file-backed). File-backed pages are mostly the program's code,
+/// read in from disk the first time each part of it runs.
+pub fn proc_rss_split_kib(pid: u32) -> Option<(u64, u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some((
+        parse_status_kib(&s, "VmRSS")?,
+        parse_status_kib(&s, "RssAnon")?,
+        parse_status_kib(&s, "RssFile")?,
+    ))
 }
 
 /// Busy time of the whole machine, in clock ticks, from the text of
@@ -196,6 +217,10 @@ mod tests {
         let status = "Name:\thubbub\nVmPeak:\t  20000 kB\nVmRSS:\t    5120 kB\nThreads:\t3\n";
         assert_eq!(parse_status_rss_kib(status), Some(5120));
         assert_eq!(parse_status_rss_kib("Name:\tx\n"), None);
+        let status = "VmRSS:\t  7000 kB\nRssAnon:\t  900 kB\nRssFile:\t  6000 kB\n";
+        assert_eq!(parse_status_kib(status, "RssAnon"), Some(900));
+        assert_eq!(parse_status_kib(status, "RssFile"), Some(6000));
+        assert_eq!(parse_status_kib(status, "Rss"), None);
     }
 
     #[test]
