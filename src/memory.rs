@@ -174,6 +174,9 @@ mod thread_cache {
     /// freed here they would only fill this thread's cache, while a thread
     /// that ends hands its whole cache back to the arenas.
     pub fn free_emptied() {
+        if TAKEN.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            return;
+        }
         let free_all = || {
             let blocks = std::mem::take(&mut *TAKEN.lock().unwrap_or_else(|e| e.into_inner()));
             for block in blocks {

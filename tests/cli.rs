@@ -1346,7 +1346,10 @@ async fn churn(ws_url: &str, churners: usize, cycles: usize, tag: &str) -> [usiz
 }
 
 /// Waits until the server is back to `stay` connections in 2 rooms, then
-/// gives its memory a moment to settle; returns (RSS KiB, open fds).
+/// gives its memory time to settle: the server gives back what ended rooms
+/// used about a second after they end (`src/memory.rs`), so RSS read
+/// sooner may still hold the last second of churn. Returns (RSS KiB, open
+/// fds).
 async fn settled(server: &Running, stay: u64) -> (u64, usize) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while metric(server.http, "hubbub_connections") != stay
@@ -1359,7 +1362,7 @@ async fn settled(server: &Running, stay: u64) -> (u64, usize) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = server.proc.pid();
     (rss_kib(pid), open_fds(pid))
 }
