@@ -2,12 +2,13 @@
 //! server's RSS before, at the peak and after they are gone. A room costs
 //! only while it exists; this checks that memory comes back when rooms end.
 //!
-//! Each room is one connection to `/rooms/churn-<i>` that sends one message,
-//! reads it back (so the room has history) and closes. The server should
-//! run with a short `history_ttl`, so the rooms end within `--settle`.
+//! Each room is one connection to `/rooms/churn<r>-<i>` (round r) that
+//! sends one message, reads it back (so the room has history) and closes.
+//! The server should run with a short `history_ttl`, so the rooms end
+//! within `--settle`.
 //!
-//! "Before" is taken after a warm-up: a few rooms created and left to
-//! expire first. A server that has just started has not yet read in from
+//! "Before" is taken after a warm-up: rooms (by default one) created and
+//! left to expire first. A server that has just started has not yet read in from
 //! disk the code that serves a connection and a room, nor set up each
 //! worker thread's allocator arena and buffers; the first room pays that
 //! once, as much as the ten-thousandth, and it is never given back. Both the
