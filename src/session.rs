@@ -645,7 +645,12 @@ mod tests {
     /// A session joined to the test's room, run as its own task.
     async fn peer(world: &Arc<World>, id: PeerId) -> (Client, tokio::task::JoinHandle<()>) {
         let (mut ws, client) = pair().await;
-        let mut joined = Some(world.room.join(id, Mode::Raw, None, None).expect("join"));
+        let mut joined = Some(
+            world
+                .room
+                .join(id, Mode::Raw, None, None)
+                .expect("the test's room is open and below its limits, so it takes a peer"),
+        );
         let world = world.clone();
         let task = tokio::spawn(async move {
             let ctx = SessionContext {
@@ -738,7 +743,12 @@ mod tests {
     async fn a_session_that_panics_still_leaves_the_room() {
         let (world, mut inbox) = world(8, 8);
         let (mut ws, client) = pair().await;
-        let mut joined = Some(world.room.join(7, Mode::Raw, None, None).expect("join"));
+        let mut joined = Some(
+            world
+                .room
+                .join(7, Mode::Raw, None, None)
+                .expect("the test's room is open and below its limits, so it takes a peer"),
+        );
         let inner = world.clone();
         let task = tokio::spawn(async move {
             let ctx = SessionContext {

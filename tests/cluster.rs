@@ -30,6 +30,18 @@ fn node_config(redis: &Redis) -> Config {
     }
 }
 
+/// A node's configuration with verified senders (`jwt_secret`, optional
+/// tokens) and the HTTP API (`api_key`), each when given.
+fn secured_config(redis: &Redis, jwt_secret: Option<&str>, api_key: Option<&str>) -> Config {
+    let mut config = node_config(redis);
+    if let Some(secret) = jwt_secret {
+        config.auth_mode = hubbub::auth::Mode::Optional;
+        config.jwt_secret = Some(hubbub::config::Secret(secret.into()));
+    }
+    config.api_key = api_key.map(|k| hubbub::config::Secret(k.into()));
+    config
+}
+
 async fn node(redis: &Redis) -> TestServer {
     let server = TestServer::start(node_config(redis)).await;
     wait_ready(&server, true).await;
@@ -762,12 +774,7 @@ async fn two_deployments_share_one_redis_by_prefix() {
 async fn a_verified_sender_is_stamped_on_every_node() {
     const SECRET: &str = "a cluster test secret, long enough for HS256";
     let redis = Redis::start();
-    let config = || Config {
-        auth_mode: hubbub::auth::Mode::Optional,
-        jwt_secret: Some(hubbub::config::Secret(SECRET.into())),
-        ..node_config(&redis)
-    };
-    let (a, b) = two_nodes(config()).await;
+    let (a, b) = two_nodes(secured_config(&redis, Some(SECRET), None)).await;
     let token = token(SECRET, "u9", "Nine");
     let (mut signed, _) = v1(a.ws, &format!("/rooms/id?token={token}")).await;
     let (mut far, _) = v1(b.ws, "/rooms/id").await;
@@ -801,11 +808,7 @@ async fn a_verified_sender_is_stamped_on_every_node() {
 async fn an_api_publish_on_one_node_reaches_peers_on_another() {
     const KEY: &str = "a cluster API key that is long enough";
     let redis = Redis::start();
-    let config = || Config {
-        api_key: Some(hubbub::config::Secret(KEY.into())),
-        ..node_config(&redis)
-    };
-    let (a, b) = two_nodes(config()).await;
+    let (a, b) = two_nodes(secured_config(&redis, None, Some(KEY))).await;
     let (mut far, hello) = v1(b.ws, "/rooms/alerts").await;
     let bearer = format!("Bearer {KEY}");
     let headers = [
@@ -850,12 +853,7 @@ async fn an_api_publish_on_one_node_reaches_peers_on_another() {
 async fn presence_lists_members_from_every_node() {
     const SECRET: &str = "a cluster presence secret, long enough";
     let redis = Redis::start();
-    let config = || Config {
-        auth_mode: hubbub::auth::Mode::Optional,
-        jwt_secret: Some(hubbub::config::Secret(SECRET.into())),
-        ..node_config(&redis)
-    };
-    let (a, b) = two_nodes(config()).await;
+    let (a, b) = two_nodes(secured_config(&redis, Some(SECRET), None)).await;
     let token = |sub: &str| token(SECRET, sub, &sub.to_uppercase());
     let (mut alice, _) = v1(a.ws, &format!("/rooms/crew?token={}", token("alice"))).await;
     let (_bob, _) = v1(b.ws, &format!("/rooms/crew?token={}", token("bob"))).await;
@@ -884,13 +882,7 @@ async fn an_api_removal_on_one_node_closes_the_user_on_another() {
     const SECRET: &str = "a cluster removal secret, long enough";
     const KEY: &str = "a cluster API key that is long enough too";
     let redis = Redis::start();
-    let config = || Config {
-        auth_mode: hubbub::auth::Mode::Optional,
-        jwt_secret: Some(hubbub::config::Secret(SECRET.into())),
-        api_key: Some(hubbub::config::Secret(KEY.into())),
-        ..node_config(&redis)
-    };
-    let (a, b) = two_nodes(config()).await;
+    let (a, b) = two_nodes(secured_config(&redis, Some(SECRET), Some(KEY))).await;
     let token = token(SECRET, "spam", "S");
     let (mut spammer, _) = v1(b.ws, &format!("/rooms/calm?token={token}")).await;
     let bearer = format!("Bearer {KEY}");
@@ -912,11 +904,7 @@ async fn an_api_removal_on_one_node_closes_the_user_on_another() {
 async fn the_api_lists_rooms_of_every_node() {
     const KEY: &str = "a cluster API key for listing rooms, long enough";
     let redis = Redis::start();
-    let config = || Config {
-        api_key: Some(hubbub::config::Secret(KEY.into())),
-        ..node_config(&redis)
-    };
-    let (a, b) = two_nodes(config()).await;
+    let (a, b) = two_nodes(secured_config(&redis, None, Some(KEY))).await;
     let _here = v1(a.ws, "/rooms/on-a").await;
     let _there = (v1(b.ws, "/rooms/on-b").await, v1(b.ws, "/rooms/on-b").await);
     let bearer = format!("Bearer {KEY}");
